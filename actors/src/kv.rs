@@ -1,0 +1,1 @@
+//! KV block pool (in progress)

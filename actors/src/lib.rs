@@ -1,0 +1,21 @@
+//! kiln-actors: the actor system of Kiln — supervisor, per-model batcher actors with their engine
+//! threads, per-request actors — and the pure scheduling state they drive (KV block pool,
+//! continuous-batching scheduler, sampling, incremental detokenization). No HTTP, no Burn.
+
+pub mod batcher;
+pub mod detok;
+pub mod engine;
+pub mod kv;
+pub mod metrics;
+pub mod request;
+pub mod sampling;
+pub mod scheduler;
+pub mod text;
+
+pub use batcher::{spawn_batcher, BatcherConfig, BatcherHandle, BatcherStats, SeqEvent, SubmitError};
+pub use detok::Detokenize;
+pub use engine::{Engine, EngineError, EngineSpec, FinishReason, ScheduledSeq, SeqId, SeqOutput, SeqRequest, StepPlan};
+pub use metrics::{Metrics, ModelMetrics};
+pub use request::{start_generation, ClientEvent, Generation, TopLogprob};
+pub use sampling::Sampler;
+pub use text::{SamplingParams, TextRequest, TokenOutput};

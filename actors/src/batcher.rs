@@ -16,19 +16,32 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use crate::engine::{Engine, EngineError, EngineSpec, FinishReason, SeqId, SeqOutput, SeqRequest, StepPlan};
 use crate::metrics::ModelMetrics;
 use crate::scheduler::{AdmitError, Scheduler};
+use crate::supervisor::SupervisorHandle;
 
 /// Queue limits of one model's batcher.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BatcherConfig {
     /// Requests waiting (not yet running) beyond which new ones get `Overloaded`.
     pub max_waiting: usize,
     /// Seconds a rejected client should wait before retrying.
     pub retry_after_s: u64,
+    /// The supervisor the batcher is linked to (none: unsupervised, e.g. in tools).
+    pub supervisor: Option<SupervisorHandle>,
 }
 
 impl Default for BatcherConfig {
     fn default() -> Self {
-        BatcherConfig { max_waiting: 256, retry_after_s: 1 }
+        BatcherConfig { max_waiting: 256, retry_after_s: 1, supervisor: None }
+    }
+}
+
+impl std::fmt::Debug for BatcherConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatcherConfig")
+            .field("max_waiting", &self.max_waiting)
+            .field("retry_after_s", &self.retry_after_s)
+            .field("supervised", &self.supervisor.is_some())
+            .finish()
     }
 }
 
@@ -336,10 +349,16 @@ pub async fn spawn_batcher<E: Engine>(
         .map_err(|e| EngineError::Load(format!("cannot start the engine thread: {e}")))?;
     let spec = spec_rx.await.map_err(|_| EngineError::Load("the engine thread died while loading".into()))??;
     let model: Arc<str> = model.into();
+    let supervisor = config.supervisor.clone();
     let args = BatcherArgs { model: model.clone(), spec: spec.clone(), engine_tx, config, metrics };
-    let (actor, _join) = Actor::spawn(None, BatcherActor::<E>(PhantomData), args)
-        .await
-        .map_err(|e| EngineError::Load(format!("cannot start the batcher: {e}")))?;
+    let spawned = match &supervisor {
+        Some(sup) => Actor::spawn_linked(None, BatcherActor::<E>(PhantomData), args, sup.cell()).await,
+        None => Actor::spawn(None, BatcherActor::<E>(PhantomData), args).await,
+    };
+    let (actor, _join) = spawned.map_err(|e| EngineError::Load(format!("cannot start the batcher: {e}")))?;
+    if let Some(sup) = &supervisor {
+        sup.register(&model, actor.get_cell());
+    }
     tracing::info!(model = %model, blocks = spec.num_blocks, block_size = spec.block_size, max_model_len = spec.max_model_len, "batcher started");
     Ok(BatcherHandle { actor, spec: Arc::new(spec), model })
 }

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;
+pub mod supervisor;
 pub mod text;
 
 pub use batcher::{spawn_batcher, BatcherConfig, BatcherHandle, BatcherStats, SeqEvent, SubmitError};
@@ -18,4 +19,5 @@ pub use engine::{Engine, EngineError, EngineSpec, FinishReason, ScheduledSeq, Se
 pub use metrics::{Metrics, ModelMetrics};
 pub use request::{start_generation, ClientEvent, Generation, TopLogprob};
 pub use sampling::Sampler;
+pub use supervisor::{BatcherHealth, SupervisorHandle};
 pub use text::{SamplingParams, TextRequest, TokenOutput};

@@ -87,7 +87,7 @@ async fn batcher(num_blocks: usize, max_waiting: usize, delay_ms: u64) -> Batche
         Arc::new(move || {
             Ok(CountingEngine { spec: spec.clone(), seqs: HashMap::new(), step_delay: Duration::from_millis(delay_ms) })
         }),
-        BatcherConfig { max_waiting, retry_after_s: 2 },
+        BatcherConfig { max_waiting, retry_after_s: 2, supervisor: None },
         ModelMetrics::unregistered("fake"),
     )
     .await
@@ -251,4 +251,26 @@ async fn engine_panic_fails_its_sequences_and_the_batcher_keeps_serving() {
     let (text, _) =
         collect(start_generation(b.clone(), Arc::new(Letters), generation(request(vec![0], 2)), ModelMetrics::unregistered("f")).await.unwrap()).await;
     assert_eq!(text, "bc");
+}
+
+#[tokio::test]
+async fn supervisor_tracks_its_batchers() {
+    let sup = SupervisorHandle::start().await.unwrap();
+    let spec = EngineSpec { block_size: 4, num_blocks: 8, max_model_len: 64, max_batch_tokens: 16, max_running: 4 };
+    let b: BatcherHandle<CountingEngine> = spawn_batcher(
+        "watched".into(),
+        Arc::new(move || Ok(CountingEngine { spec: spec.clone(), seqs: HashMap::new(), step_delay: Duration::ZERO })),
+        BatcherConfig { supervisor: Some(sup.clone()), ..BatcherConfig::default() },
+        ModelMetrics::unregistered("watched"),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(sup.health().await.get("watched"), Some(&BatcherHealth::Running));
+    b.stop();
+    let t0 = Instant::now();
+    while sup.health().await.get("watched") != Some(&BatcherHealth::Stopped) {
+        assert!(t0.elapsed() < Duration::from_secs(3), "supervisor never saw the batcher stop");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kiln_actors::{
-    spawn_batcher, start_generation, BatcherConfig, ClientEvent, EngineError, Generation, Metrics, SamplingParams, TextRequest,
+    spawn_batcher, start_generation, BatcherConfig, ClientEvent, EngineError, Generation, Metrics, SamplingParams,
+    TextRequest,
 };
 use kiln_models::{DType, DeviceSpec, HfTokenizer, TextEngine, TextEngineOptions};
 
@@ -166,7 +167,15 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<()> {
         let r = run_level(&batcher, &detok, &metrics, &prompts, c, args.max_tokens).await?;
         println!(
             "{:>11} {:>8} {:>8} {:>10.1} {:>11.1} {:>11.1} {:>10.1} {:>10.1} {:>9.0}",
-            r.concurrency, r.requests, r.output_tokens, r.output_tokens_per_s, r.ttft_p50_ms, r.ttft_p99_ms, r.itl_p50_ms, r.itl_p99_ms, r.rss_mib
+            r.concurrency,
+            r.requests,
+            r.output_tokens,
+            r.output_tokens_per_s,
+            r.ttft_p50_ms,
+            r.ttft_p99_ms,
+            r.itl_p50_ms,
+            r.itl_p99_ms,
+            r.rss_mib
         );
         results.push(r);
     }

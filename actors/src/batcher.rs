@@ -170,7 +170,11 @@ impl<E: Engine> Actor for BatcherActor<E> {
     type State = BatcherState<E>;
     type Arguments = BatcherArgs<E>;
 
-    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: BatcherArgs<E>) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: BatcherArgs<E>,
+    ) -> Result<Self::State, ActorProcessingErr> {
         args.metrics.kv_blocks_total.set(args.spec.num_blocks as i64);
         Ok(BatcherState {
             model: args.model,
@@ -184,7 +188,12 @@ impl<E: Engine> Actor for BatcherActor<E> {
         })
     }
 
-    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             BatcherMsg::Submit { req, sink, reply } => {
                 let _ = reply.send(st.submit(req, sink));

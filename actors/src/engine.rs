@@ -122,8 +122,5 @@ pub trait Engine: Send + 'static {
 
     /// Runs one step. Must first admit `plan.new` and drop `plan.released`.
     /// Returns one output per scheduled sequence with `sample == true`.
-    fn step(
-        &mut self,
-        plan: StepPlan<Self::Request>,
-    ) -> Result<Vec<SeqOutput<Self::Output>>, EngineError>;
+    fn step(&mut self, plan: StepPlan<Self::Request>) -> Result<Vec<SeqOutput<Self::Output>>, EngineError>;
 }

@@ -4,6 +4,7 @@
 
 pub mod batcher;
 pub mod detok;
+pub mod embed;
 pub mod engine;
 pub mod kv;
 pub mod metrics;
@@ -15,6 +16,7 @@ pub mod text;
 
 pub use batcher::{spawn_batcher, BatcherConfig, BatcherHandle, BatcherStats, SeqEvent, SubmitError};
 pub use detok::Detokenize;
+pub use embed::{embed_inputs, EmbedError, EmbedOutput, EmbedRequest};
 pub use engine::{Engine, EngineError, EngineSpec, FinishReason, ScheduledSeq, SeqId, SeqOutput, SeqRequest, StepPlan};
 pub use metrics::{Metrics, ModelMetrics};
 pub use request::{start_generation, ClientEvent, Generation, TopLogprob};

@@ -2,8 +2,8 @@
 //! actor holds the `ModelMetrics` children of its model so the hot path does no label lookups.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// The registry and metric families of one server.
@@ -27,7 +27,9 @@ pub struct Metrics {
 }
 
 fn latency_buckets() -> Vec<f64> {
-    vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+    vec![
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ]
 }
 
 impl Metrics {
@@ -50,7 +52,11 @@ impl Metrics {
             h
         };
         Metrics {
-            requests: counter("kiln_requests_total", "Finished requests by finish reason.", &["model", "finish_reason"]),
+            requests: counter(
+                "kiln_requests_total",
+                "Finished requests by finish reason.",
+                &["model", "finish_reason"],
+            ),
             prompt_tokens: counter("kiln_prompt_tokens_total", "Prompt tokens admitted.", &m),
             generation_tokens: counter("kiln_generation_tokens_total", "Tokens generated.", &m),
             waiting: gauge("kiln_queue_depth", "Sequences waiting for admission."),

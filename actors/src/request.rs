@@ -157,7 +157,11 @@ where
     type State = RequestState<E>;
     type Arguments = RequestArgs<E>;
 
-    async fn pre_start(&self, myself: ActorRef<RequestMsg>, args: RequestArgs<E>) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RequestMsg>,
+        args: RequestArgs<E>,
+    ) -> Result<Self::State, ActorProcessingErr> {
         let (stopped_tx, mut stopped_rx) = oneshot::channel::<()>();
         // The mailbox feeder: engine outputs, client departure and the deadline become messages.
         let seq_rx = args.seq_rx;
@@ -202,7 +206,12 @@ where
         })
     }
 
-    async fn handle(&self, myself: ActorRef<RequestMsg>, msg: RequestMsg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<RequestMsg>,
+        msg: RequestMsg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             RequestMsg::Seq(SeqEvent::Output(out)) => st.on_output(out),
             RequestMsg::Seq(SeqEvent::Finished(id, reason)) => {
@@ -264,7 +273,8 @@ impl<E: Engine> RequestState<E> {
         c.tokens += 1;
         let TokenOutput { token, logprob, top_logprobs } = out.output;
         // A stop token ends the text: its own text (e.g. "<|im_end|>") is not part of the output.
-        let mut text = if out.finished == Some(FinishReason::Stop) { String::new() } else { c.decoder.push(detok, token) };
+        let mut text =
+            if out.finished == Some(FinishReason::Stop) { String::new() } else { c.decoder.push(detok, token) };
         if out.finished.is_some() {
             text.push_str(&c.decoder.finish(detok));
         }

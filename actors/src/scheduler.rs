@@ -356,7 +356,7 @@ mod tests {
         s.add(1, Req(4)).unwrap();
         s.add(2, Req(4)).unwrap();
         step(&mut s); // both prefilled: 1 block each, 5 tokens known each
-        // Decode needs a second block each; 2 free: fine.
+                      // Decode needs a second block each; 2 free: fine.
         step(&mut s);
         assert_eq!(s.used_blocks(), 4);
         // Tokens 0..9 known; next step needs a third block for seq 1: preempt seq 2.

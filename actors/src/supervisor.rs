@@ -37,7 +37,12 @@ impl Actor for Supervisor {
         Ok(SupervisorState::default())
     }
 
-    async fn handle(&self, _myself: ActorRef<SupervisorMsg>, msg: SupervisorMsg, st: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<SupervisorMsg>,
+        msg: SupervisorMsg,
+        st: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::Register { model, cell } => {
                 st.models.insert(model, (Some(cell), BatcherHealth::Running));

@@ -52,7 +52,11 @@ impl Engine for CountingEngine {
             } else {
                 None
             };
-            outs.push(SeqOutput { id: s.id, output: TokenOutput { token, logprob: None, top_logprobs: vec![] }, finished });
+            outs.push(SeqOutput {
+                id: s.id,
+                output: TokenOutput { token, logprob: None, top_logprobs: vec![] },
+                finished,
+            });
         }
         Ok(outs)
     }
@@ -130,9 +134,14 @@ async fn concurrent_requests_each_get_their_own_stream() {
         handles.push(tokio::spawn(async move {
             let prompt: Vec<u32> = (0..(1 + i * 3)).map(|k| k + i).collect();
             let last = *prompt.last().unwrap();
-            let rx = start_generation(b, Arc::new(Letters), generation(request(prompt, 5 + i as usize)), ModelMetrics::unregistered("fake"))
-                .await
-                .unwrap();
+            let rx = start_generation(
+                b,
+                Arc::new(Letters),
+                generation(request(prompt, 5 + i as usize)),
+                ModelMetrics::unregistered("fake"),
+            )
+            .await
+            .unwrap();
             let (text, events) = collect(rx).await;
             let expected: String = (1..=5 + i).map(|k| (b'a' + ((last + k) % 26) as u8) as char).collect();
             assert_eq!(text, expected);
@@ -158,9 +167,14 @@ async fn stop_strings_end_the_choice_and_are_not_emitted() {
     let b = batcher(64, 64, 0).await;
     // Prompt ends at 0 ('a'): generates b c d e f ...; stop at "de".
     let gen = Generation { choices: vec![request(vec![0], 20)], stop: vec!["de".into()], deadline: None };
-    let (text, events) = collect(start_generation(b.clone(), Arc::new(Letters), gen, ModelMetrics::unregistered("f")).await.unwrap()).await;
+    let (text, events) =
+        collect(start_generation(b.clone(), Arc::new(Letters), gen, ModelMetrics::unregistered("f")).await.unwrap())
+            .await;
     assert_eq!(text, "bc");
-    assert!(matches!(events.last().unwrap(), ClientEvent::Done { finish_reason: FinishReason::Stop, completion_tokens: 4, .. }));
+    assert!(matches!(
+        events.last().unwrap(),
+        ClientEvent::Done { finish_reason: FinishReason::Stop, completion_tokens: 4, .. }
+    ));
     assert_eq!(wait_idle(&b).await.used_blocks, 0);
 }
 
@@ -169,17 +183,28 @@ async fn stop_token_text_is_not_emitted() {
     let b = batcher(64, 64, 0).await;
     let mut req = request(vec![0], 20);
     req.stop_token_ids = vec![3];
-    let (text, events) = collect(start_generation(b, Arc::new(Letters), generation(req), ModelMetrics::unregistered("f")).await.unwrap()).await;
+    let (text, events) = collect(
+        start_generation(b, Arc::new(Letters), generation(req), ModelMetrics::unregistered("f")).await.unwrap(),
+    )
+    .await;
     assert_eq!(text, "bc");
-    assert!(matches!(events.last().unwrap(), ClientEvent::Done { finish_reason: FinishReason::Stop, completion_tokens: 3, .. }));
+    assert!(matches!(
+        events.last().unwrap(),
+        ClientEvent::Done { finish_reason: FinishReason::Stop, completion_tokens: 3, .. }
+    ));
 }
 
 #[tokio::test]
 async fn dropping_the_receiver_cancels_and_frees_blocks() {
     let b = batcher(64, 64, 5).await;
-    let mut rx = start_generation(b.clone(), Arc::new(Letters), generation(request(vec![1; 10], 200)), ModelMetrics::unregistered("f"))
-        .await
-        .unwrap();
+    let mut rx = start_generation(
+        b.clone(),
+        Arc::new(Letters),
+        generation(request(vec![1; 10], 200)),
+        ModelMetrics::unregistered("f"),
+    )
+    .await
+    .unwrap();
     for _ in 0..3 {
         rx.recv().await.unwrap();
     }
@@ -192,8 +217,14 @@ async fn dropping_the_receiver_cancels_and_frees_blocks() {
 #[tokio::test]
 async fn deadline_ends_with_timeout() {
     let b = batcher(64, 64, 5).await;
-    let gen = Generation { choices: vec![request(vec![1], 10_000)], stop: vec![], deadline: Some(Instant::now() + Duration::from_millis(60)) };
-    let (_, events) = collect(start_generation(b.clone(), Arc::new(Letters), gen, ModelMetrics::unregistered("f")).await.unwrap()).await;
+    let gen = Generation {
+        choices: vec![request(vec![1], 10_000)],
+        stop: vec![],
+        deadline: Some(Instant::now() + Duration::from_millis(60)),
+    };
+    let (_, events) =
+        collect(start_generation(b.clone(), Arc::new(Letters), gen, ModelMetrics::unregistered("f")).await.unwrap())
+            .await;
     assert!(matches!(events.last().unwrap(), ClientEvent::Done { finish_reason: FinishReason::Timeout, .. }));
     assert_eq!(wait_idle(&b).await.used_blocks, 0);
 }
@@ -223,7 +254,8 @@ async fn prompt_larger_than_the_pool_is_refused() {
 async fn n_choices_stream_independently() {
     let b = batcher(64, 64, 0).await;
     let gen = Generation { choices: vec![request(vec![0], 3), request(vec![5], 2)], stop: vec![], deadline: None };
-    let (_, events) = collect(start_generation(b, Arc::new(Letters), gen, ModelMetrics::unregistered("f")).await.unwrap()).await;
+    let (_, events) =
+        collect(start_generation(b, Arc::new(Letters), gen, ModelMetrics::unregistered("f")).await.unwrap()).await;
     let texts: Vec<String> = (0..2)
         .map(|i| {
             events
@@ -243,13 +275,33 @@ async fn n_choices_stream_independently() {
 async fn engine_panic_fails_its_sequences_and_the_batcher_keeps_serving() {
     let b = batcher(64, 64, 0).await;
     PANIC.store(true, Ordering::SeqCst);
-    let (_, events) =
-        collect(start_generation(b.clone(), Arc::new(Letters), generation(request(vec![666], 5)), ModelMetrics::unregistered("f")).await.unwrap())
-            .await;
+    let (_, events) = collect(
+        start_generation(
+            b.clone(),
+            Arc::new(Letters),
+            generation(request(vec![666], 5)),
+            ModelMetrics::unregistered("f"),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
     PANIC.store(false, Ordering::SeqCst);
-    assert!(matches!(&events[0], ClientEvent::Error { message, .. } if message.contains("injected engine fault")), "{events:?}");
-    let (text, _) =
-        collect(start_generation(b.clone(), Arc::new(Letters), generation(request(vec![0], 2)), ModelMetrics::unregistered("f")).await.unwrap()).await;
+    assert!(
+        matches!(&events[0], ClientEvent::Error { message, .. } if message.contains("injected engine fault")),
+        "{events:?}"
+    );
+    let (text, _) = collect(
+        start_generation(
+            b.clone(),
+            Arc::new(Letters),
+            generation(request(vec![0], 2)),
+            ModelMetrics::unregistered("f"),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
     assert_eq!(text, "bc");
 }
 

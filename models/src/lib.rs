@@ -1,10 +1,17 @@
 //! kiln-models: Burn model code (generic over `B: Backend`), HuggingFace weight loading,
 //! tokenizers and chat templates, and one `Engine` per family.
 
+pub mod backend;
+pub mod bert;
+pub mod config;
+pub mod embed;
 pub mod engine;
+pub mod qwen2;
 pub mod tokenizer;
+pub mod weights;
 
-pub use engine::{TextEngine, TextEngineOptions};
+pub use embed::{EmbeddingEngine, EmbeddingEngineOptions, EmbeddingModelInfo, EmbeddingTokenizer};
+pub use engine::{TextEngine, TextEngineOptions, TextModelInfo};
 pub use tokenizer::{ChatMessage, HfTokenizer};
 
 use std::path::Path;

@@ -1,0 +1,194 @@
+//! safetensors weight loading: one `model.safetensors` or the shards listed in
+//! `model.safetensors.index.json`, memory-mapped, converted to Burn tensors of the requested dtype.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType as BurnDType, Tensor, TensorData};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::{Dtype as StDtype, SafeTensors};
+
+use crate::{DType, LoadError};
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Byte offset of the data section (8 + header length).
+    data_start: usize,
+    metadata: Metadata,
+}
+
+/// Memory-mapped safetensors files of one checkpoint.
+pub struct WeightStore {
+    shards: Vec<Shard>,
+    /// Tensor name -> shard index.
+    index: HashMap<String, usize>,
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> LoadError {
+    LoadError::Io { path: path.display().to_string(), message: e.to_string() }
+}
+
+/// The Burn dtype of a Kiln dtype.
+pub fn burn_dtype(dtype: DType) -> BurnDType {
+    match dtype {
+        DType::F32 => BurnDType::F32,
+        DType::F16 => BurnDType::F16,
+        DType::BF16 => BurnDType::BF16,
+    }
+}
+
+impl WeightStore {
+    /// Opens `dir/model.safetensors`, or the shards of `dir/model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self, LoadError> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index_path.is_file() {
+            let v = crate::config::read_json(&index_path)?;
+            let map = v["weight_map"].as_object().ok_or_else(|| LoadError::Parse {
+                path: index_path.display().to_string(),
+                what: "safetensors index",
+                message: "missing weight_map".into(),
+            })?;
+            let mut names: Vec<String> = map.values().filter_map(|x| x.as_str().map(str::to_string)).collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else {
+            let single = dir.join("model.safetensors");
+            if !single.is_file() {
+                return Err(LoadError::Io {
+                    path: single.display().to_string(),
+                    message: "no model.safetensors or model.safetensors.index.json".into(),
+                });
+            }
+            vec![single]
+        };
+        let mut shards = Vec::new();
+        let mut index = HashMap::new();
+        for path in files {
+            let file = std::fs::File::open(&path).map_err(|e| io_err(&path, e))?;
+            // SAFETY: the checkpoint is treated as read-only for the lifetime of the store.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| io_err(&path, e))?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| LoadError::Parse {
+                path: path.display().to_string(),
+                what: "safetensors",
+                message: e.to_string(),
+            })?;
+            for name in metadata.tensors().keys() {
+                index.insert(name.clone(), shards.len());
+            }
+            shards.push(Shard { path, mmap, data_start: 8 + header_len, metadata });
+        }
+        Ok(WeightStore { shards, index })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    fn info(&self, name: &str) -> Result<(&Shard, &TensorInfo), LoadError> {
+        let shard = self
+            .index
+            .get(name)
+            .map(|&i| &self.shards[i])
+            .ok_or_else(|| LoadError::Weight { name: name.to_string(), message: "missing from checkpoint".into() })?;
+        let info = shard.metadata.info(name).expect("indexed tensor has info");
+        Ok((shard, info))
+    }
+
+    /// Shape of a stored tensor.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>, LoadError> {
+        Ok(self.info(name)?.1.shape.clone())
+    }
+
+    /// Reads a tensor as f32 values (row-major, stored shape).
+    pub fn read_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), LoadError> {
+        let (shard, info) = self.info(name)?;
+        let (a, b) = info.data_offsets;
+        let bytes = shard.mmap.get(shard.data_start + a..shard.data_start + b).ok_or_else(|| LoadError::Weight {
+            name: name.to_string(),
+            message: format!("data out of bounds in {}", shard.path.display()),
+        })?;
+        let n: usize = info.shape.iter().product();
+        let values: Vec<f32> = match info.dtype {
+            StDtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            StDtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            StDtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            StDtype::F64 => bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+            other => {
+                return Err(LoadError::Weight {
+                    name: name.to_string(),
+                    message: format!("unsupported dtype {other:?} (expected F32, F16 or BF16)"),
+                })
+            }
+        };
+        if values.len() != n {
+            return Err(LoadError::Weight {
+                name: name.to_string(),
+                message: format!("{} values for shape {:?}", values.len(), info.shape),
+            });
+        }
+        Ok((values, info.shape.clone()))
+    }
+
+    /// Loads a tensor, checking its shape. With `transpose`, a 2-D `[out, in]` weight is
+    /// returned as `[in, out]` (so a linear layer is `x.matmul(w)`); `expected` is the stored shape.
+    pub fn load<B: Backend, const D: usize>(
+        &self,
+        name: &str,
+        expected: [usize; D],
+        transpose: bool,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Tensor<B, D>, LoadError> {
+        let (values, shape) = self.read_f32(name)?;
+        if shape.as_slice() != expected.as_slice() {
+            return Err(LoadError::Weight {
+                name: name.to_string(),
+                message: format!("shape {shape:?}, expected {expected:?}"),
+            });
+        }
+        let (values, shape) = if transpose {
+            assert_eq!(D, 2, "transpose only for 2-D weights");
+            let (rows, cols) = (shape[0], shape[1]);
+            let mut t = vec![0f32; values.len()];
+            // Tiled so both sides stay in cache for large matrices.
+            const TILE: usize = 64;
+            for r0 in (0..rows).step_by(TILE) {
+                for c0 in (0..cols).step_by(TILE) {
+                    for r in r0..(r0 + TILE).min(rows) {
+                        for c in c0..(c0 + TILE).min(cols) {
+                            t[c * rows + r] = values[r * cols + c];
+                        }
+                    }
+                }
+            }
+            (t, vec![cols, rows])
+        } else {
+            (values, shape)
+        };
+        Ok(tensor_from_f32(values, shape, device, dtype))
+    }
+}
+
+/// Builds a Burn tensor of `dtype` from f32 host values.
+pub fn tensor_from_f32<B: Backend, const D: usize>(
+    values: Vec<f32>,
+    shape: Vec<usize>,
+    device: &B::Device,
+    dtype: DType,
+) -> Tensor<B, D> {
+    let data = match dtype {
+        DType::F32 => TensorData::new(values, shape),
+        DType::F16 => TensorData::new(values.into_iter().map(f16::from_f32).collect::<Vec<_>>(), shape),
+        DType::BF16 => TensorData::new(values.into_iter().map(bf16::from_f32).collect::<Vec<_>>(), shape),
+    };
+    Tensor::from_data(data, (device, burn_dtype(dtype)))
+}

@@ -1,0 +1,220 @@
+//! HTTP routes (axum): OpenAI-compatible completions, `/v1/generate`, tokenizer utilities,
+//! health/readiness/metrics, and the WebSocket upgrade.
+
+pub mod generate;
+pub mod openai;
+pub mod types;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{header, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use kiln_actors::BatcherHealth;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::server::{AppState, LoadState};
+use crate::validation::{chat_messages, render_chat};
+use types::{DetokenizeBody, TokenizeBody};
+
+/// Every route; tests serve it on `127.0.0.1:0`.
+pub fn app(state: AppState) -> Router {
+    let limit = state.limits.max_body_bytes;
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/generate", post(generate::generate))
+        .route("/v1/models", get(list_models))
+        .route("/v1/ws", get(crate::ws::ws_handler))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_string()) })
+        .method_not_allowed_fallback(|uri: Uri| async move { ApiError::MethodNotAllowed(uri.path().to_string()) })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(tower_http::cors::CorsLayer::permissive())
+        .with_state(state)
+}
+
+/// A JSON body whose every failure is an OpenAI-shaped error: not UTF-8 or not JSON (400),
+/// the wrong shape (422, naming the field), larger than `max_body_bytes` (413). No
+/// content-type is required.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge { limit: state.limits.max_body_bytes }
+            } else {
+                ApiError::InvalidJson(format!("could not read the request body: {}", r.body_text()))
+            }
+        })?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// Parses a body; errors name the failing field (`messages[0].content`).
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| ApiError::InvalidJson(format!("the request body is not valid UTF-8: {e}")))?;
+    if text.trim().is_empty() {
+        return Err(ApiError::InvalidJson("the request body is empty; expected a JSON object".into()));
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(path_error)?;
+    de.end().map_err(|e| ApiError::InvalidJson(format!("invalid JSON: {e}")))?;
+    Ok(value)
+}
+
+/// Deserializes an already-parsed JSON value (WebSocket messages, envelopes).
+pub fn from_value<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(v).map_err(path_error)
+}
+
+fn path_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    if inner.classify() == serde_json::error::Category::Data {
+        let param = (path != ".").then_some(path);
+        let message = match &param {
+            Some(p) => format!("{p}: {inner}"),
+            None => format!("the body must be a JSON object with the request's fields: {inner}"),
+        };
+        ApiError::InvalidType { param, message }
+    } else {
+        ApiError::InvalidJson(format!("invalid JSON: {inner}"))
+    }
+}
+
+async fn list_models(State(state): State<AppState>) -> Json<Value> {
+    let health = state.batcher_health().await;
+    let mut data = Vec::new();
+    for m in state.models.iter() {
+        let load = m.state();
+        let mut kiln = json!({
+            "family": "text-generation",
+            "demo": m.demo,
+            "state": load.as_str(),
+            "preload": m.preload,
+            "chat_template": m.tokenizer.has_chat_template(),
+        });
+        if let Some(h) = health.get(&m.name) {
+            kiln["batcher"] = json!(health_str(h));
+        }
+        match &load {
+            LoadState::Ready(b) => {
+                let spec = b.spec();
+                kiln["max_model_len"] = json!(spec.max_model_len);
+                kiln["kv_blocks"] = json!(spec.num_blocks);
+                kiln["block_size"] = json!(spec.block_size);
+                kiln["max_running"] = json!(spec.max_running);
+                kiln["max_batch_tokens"] = json!(spec.max_batch_tokens);
+                if let Ok(s) = b.stats().await {
+                    kiln["stats"] = json!({
+                        "waiting": s.waiting,
+                        "running": s.running,
+                        "used_blocks": s.used_blocks,
+                        "total_blocks": s.total_blocks,
+                        "preemptions": s.preemptions,
+                        "steps": s.steps,
+                    });
+                }
+            }
+            LoadState::Failed(e) => kiln["error"] = json!(e),
+            _ => {}
+        }
+        data.push(json!({
+            "id": m.name,
+            "object": "model",
+            "created": m.created,
+            "owned_by": "kiln",
+            "kiln": kiln,
+        }));
+    }
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn tokenize(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<TokenizeBody>,
+) -> Result<Json<Value>, ApiError> {
+    let entry = state.resolve_model(body.model.as_deref())?;
+    let tok = entry.tokenizer.as_ref();
+    let tokens = match (&body.prompt, &body.messages) {
+        (Some(_), Some(_)) => return Err(ApiError::param("prompt", "give either prompt or messages, not both")),
+        (Some(p), None) => {
+            tok.encode(p, body.add_special_tokens.unwrap_or(true)).map_err(|e| ApiError::param("prompt", e))?
+        }
+        (None, Some(m)) => {
+            let text = render_chat(&chat_messages(m)?, tok, body.add_generation_prompt.unwrap_or(true))?;
+            tok.encode(&text, body.add_special_tokens.unwrap_or(false)).map_err(|e| ApiError::param("messages", e))?
+        }
+        (None, None) => return Err(ApiError::param("prompt", "give prompt (a string) or messages")),
+    };
+    let max_model_len = entry.backend().await?.spec().max_model_len;
+    Ok(Json(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": max_model_len})))
+}
+
+async fn detokenize(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<DetokenizeBody>,
+) -> Result<Json<Value>, ApiError> {
+    let entry = state.resolve_model(body.model.as_deref())?;
+    let vocab = entry.tokenizer.vocab_size().map(|v| v as i64).unwrap_or(u32::MAX as i64 + 1);
+    let ids = body
+        .tokens
+        .iter()
+        .map(|&t| {
+            if (0..vocab).contains(&t) {
+                Ok(t as u32)
+            } else {
+                Err(ApiError::param("tokens", format!("token id {t} is outside the vocabulary (0..{vocab})")))
+            }
+        })
+        .collect::<Result<Vec<u32>, _>>()?;
+    Ok(Json(json!({"prompt": entry.tokenizer.decode(&ids, false)})))
+}
+
+fn health_str(h: &BatcherHealth) -> String {
+    match h {
+        BatcherHealth::Running => "running".to_string(),
+        BatcherHealth::Stopped => "stopped".to_string(),
+        BatcherHealth::Failed(e) => format!("failed: {e}"),
+    }
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    if state.is_ready().await {
+        return (StatusCode::OK, "ready").into_response();
+    }
+    let health = state.batcher_health().await;
+    let models: serde_json::Map<String, Value> = state
+        .models
+        .iter()
+        .map(|m| {
+            let s = m.state();
+            let mut v = match &s {
+                LoadState::Failed(e) => json!({"state": "failed", "error": e}),
+                other => json!({"state": other.as_str()}),
+            };
+            if let Some(h) = health.get(&m.name) {
+                v["batcher"] = json!(health_str(h));
+            }
+            (m.name.clone(), v)
+        })
+        .collect();
+    (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not ready", "models": models}))).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], (state.render_metrics)()).into_response()
+}

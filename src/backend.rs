@@ -1,0 +1,101 @@
+//! What the API needs from a served text model, as two small traits: the tokenizer (prompt
+//! building, /tokenize) and the generation backend (the model's batcher). The real
+//! implementations wrap kiln-models' `HfTokenizer` and kiln-actors' `BatcherHandle`; tests
+//! substitute fakes (`crate::testing`).
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use kiln_actors::{
+    start_generation, BatcherHandle, BatcherStats, ClientEvent, Detokenize, Engine, EngineSpec, Generation,
+    ModelMetrics, SubmitError, TextRequest, TokenOutput,
+};
+use kiln_models::{ChatMessage, HfTokenizer};
+use tokio::sync::mpsc;
+
+/// Sampling defaults a model ships (`generation_config.json`); unset fields fall back to
+/// OpenAI's defaults.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationDefaults {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f32>,
+}
+
+/// The server side of a model's tokenizer.
+pub trait TextTokenizer: Send + Sync + 'static {
+    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String>;
+    fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> String;
+    fn has_chat_template(&self) -> bool;
+    fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, String>;
+    fn generation_defaults(&self) -> GenerationDefaults;
+    /// Token ids at or above this are rejected in token-id prompts (None: not checked).
+    fn vocab_size(&self) -> Option<usize>;
+}
+
+impl TextTokenizer for HfTokenizer {
+    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
+        HfTokenizer::encode(self, text, add_special_tokens)
+    }
+    fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> String {
+        HfTokenizer::decode(self, ids, skip_special_tokens)
+    }
+    fn has_chat_template(&self) -> bool {
+        HfTokenizer::has_chat_template(self)
+    }
+    fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, String> {
+        HfTokenizer::apply_chat_template(self, messages, add_generation_prompt)
+    }
+    fn generation_defaults(&self) -> GenerationDefaults {
+        let d = HfTokenizer::generation_defaults(self);
+        GenerationDefaults {
+            // transformers decodes greedily when the model says `do_sample: false`.
+            temperature: if d.do_sample == Some(false) { Some(0.0) } else { d.temperature },
+            top_p: d.top_p,
+            top_k: d.top_k,
+            repetition_penalty: d.repetition_penalty,
+        }
+    }
+    fn vocab_size(&self) -> Option<usize> {
+        Some(HfTokenizer::vocab_size(self))
+    }
+}
+
+/// A served text model: where validated generations go.
+pub trait TextBackend: Send + Sync + 'static {
+    fn spec(&self) -> EngineSpec;
+    /// Submits every choice; dropping the receiver cancels the sequences.
+    fn generate(&self, generation: Generation) -> BoxFuture<'static, Result<mpsc::Receiver<ClientEvent>, SubmitError>>;
+    fn stats(&self) -> BoxFuture<'static, Result<BatcherStats, SubmitError>>;
+    fn stop(&self);
+}
+
+/// A model's batcher (kiln-actors) with the tokenizer the request actors detokenize with.
+pub struct BatcherBackend<E: Engine> {
+    pub handle: BatcherHandle<E>,
+    pub detok: Arc<dyn Detokenize>,
+    pub metrics: ModelMetrics,
+}
+
+impl<E> TextBackend for BatcherBackend<E>
+where
+    E: Engine<Request = TextRequest, Output = TokenOutput>,
+{
+    fn spec(&self) -> EngineSpec {
+        self.handle.spec().clone()
+    }
+    fn generate(&self, generation: Generation) -> BoxFuture<'static, Result<mpsc::Receiver<ClientEvent>, SubmitError>> {
+        let handle = self.handle.clone();
+        let detok = self.detok.clone();
+        let metrics = self.metrics.clone();
+        Box::pin(async move { start_generation(handle, detok, generation, metrics).await })
+    }
+    fn stats(&self) -> BoxFuture<'static, Result<BatcherStats, SubmitError>> {
+        let handle = self.handle.clone();
+        Box::pin(async move { handle.stats().await })
+    }
+    fn stop(&self) {
+        self.handle.stop()
+    }
+}

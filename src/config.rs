@@ -1,0 +1,282 @@
+//! The server's TOML configuration (`config/*.toml`): a `[server]` table and one
+//! `[[models]]` entry per served model. Unknown keys are errors that name the file and key.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use kiln_models::{DType, DeviceSpec};
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Largest accepted request body (HTTP) or WebSocket message, in bytes.
+    pub max_body_bytes: usize,
+    /// A generation still running after this many seconds ends with `timeout`.
+    pub request_timeout_s: u64,
+    /// Generations one WebSocket may run at once.
+    pub max_ws_inflight: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "127.0.0.1".to_string(),
+            port: 8080,
+            max_body_bytes: 4 << 20,
+            request_timeout_s: 600,
+            max_ws_inflight: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name clients put in `model`.
+    pub name: String,
+    /// The HuggingFace model folder; relative paths are resolved from the config file's folder.
+    pub path: PathBuf,
+    /// Random-weight demo model: said in the log and in `/v1/models`.
+    #[serde(default)]
+    pub demo: bool,
+    #[serde(default, deserialize_with = "de_device")]
+    pub device: DeviceSpec,
+    #[serde(default)]
+    pub dtype: DType,
+    #[serde(default = "default_block_size")]
+    pub block_size: usize,
+    #[serde(default = "default_kv_cache_tokens")]
+    pub kv_cache_tokens: usize,
+    #[serde(default = "default_max_batch_tokens")]
+    pub max_batch_tokens: usize,
+    #[serde(default = "default_max_running")]
+    pub max_running: usize,
+    #[serde(default = "default_max_waiting")]
+    pub max_waiting: usize,
+    /// Caps the model's own context length.
+    #[serde(default)]
+    pub max_model_len: Option<usize>,
+    /// Load at start-up (and count for `/ready`); otherwise loaded on first use.
+    #[serde(default = "default_true")]
+    pub preload: bool,
+}
+
+fn default_block_size() -> usize {
+    16
+}
+fn default_kv_cache_tokens() -> usize {
+    16384
+}
+fn default_max_batch_tokens() -> usize {
+    2048
+}
+fn default_max_running() -> usize {
+    32
+}
+fn default_max_waiting() -> usize {
+    256
+}
+fn default_true() -> bool {
+    true
+}
+
+fn de_device<'de, D: Deserializer<'de>>(d: D) -> Result<DeviceSpec, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
+}
+
+impl ModelConfig {
+    /// A model entry with default options, named after its folder (for `kiln serve --model DIR`).
+    pub fn from_dir(dir: &Path) -> ModelConfig {
+        let name = dir
+            .canonicalize()
+            .ok()
+            .as_deref()
+            .unwrap_or(dir)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".to_string());
+        ModelConfig {
+            name,
+            path: dir.to_path_buf(),
+            demo: false,
+            device: DeviceSpec::default(),
+            dtype: DType::default(),
+            block_size: default_block_size(),
+            kv_cache_tokens: default_kv_cache_tokens(),
+            max_batch_tokens: default_max_batch_tokens(),
+            max_running: default_max_running(),
+            max_waiting: default_max_waiting(),
+            max_model_len: None,
+            preload: true,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and checks a config file; model paths become relative to its folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, &path.display().to_string(), base)
+    }
+
+    /// Parses config text; `origin` names the file in errors, `base` resolves model paths.
+    pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError(format!("invalid config {origin}: {}", e.to_string().trim_end())))?;
+        for m in &mut config.models {
+            if m.path.is_relative() {
+                m.path = base.join(&m.path);
+            }
+        }
+        config.check().map_err(|e| ConfigError(format!("invalid config {origin}: {e}")))?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: unique names, positive sizes. Empty `models` is allowed here
+    /// (the CLI may add some); the server refuses to start without any.
+    pub fn check(&self) -> Result<(), String> {
+        let mut names = std::collections::HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let at = format!("models[{i}] ({:?})", m.name);
+            if m.name.trim().is_empty() {
+                return Err(format!("models[{i}].name is empty"));
+            }
+            if !names.insert(m.name.as_str()) {
+                return Err(format!("{at}: duplicate model name"));
+            }
+            for (key, v) in [
+                ("block_size", m.block_size),
+                ("kv_cache_tokens", m.kv_cache_tokens),
+                ("max_batch_tokens", m.max_batch_tokens),
+                ("max_running", m.max_running),
+            ] {
+                if v == 0 {
+                    return Err(format!("{at}: {key} must be at least 1"));
+                }
+            }
+            if m.max_model_len == Some(0) {
+                return Err(format!("{at}: max_model_len must be at least 1"));
+            }
+        }
+        if self.server.max_body_bytes < 1024 {
+            return Err("server.max_body_bytes must be at least 1024".to_string());
+        }
+        if self.server.max_ws_inflight == 0 {
+            return Err("server.max_ws_inflight must be at least 1".to_string());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml", Path::new("/etc/kiln"))
+    }
+
+    #[test]
+    fn parses_a_full_config_and_resolves_paths() {
+        let c = parse(
+            r#"
+            [server]
+            host = "0.0.0.0"
+            port = 9000
+            max_body_bytes = 65536
+            request_timeout_s = 30
+            max_ws_inflight = 4
+
+            [[models]]
+            name = "m"
+            path = "models/m"
+            demo = true
+            device = "cuda:1"
+            dtype = "bf16"
+            block_size = 32
+            kv_cache_tokens = 1024
+            max_batch_tokens = 512
+            max_running = 8
+            max_waiting = 16
+            max_model_len = 2048
+            preload = false
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.server.host, "0.0.0.0");
+        assert_eq!(c.server.port, 9000);
+        assert_eq!(c.server.max_ws_inflight, 4);
+        let m = &c.models[0];
+        assert_eq!(m.path, Path::new("/etc/kiln/models/m"));
+        assert_eq!(m.device, DeviceSpec::Cuda(1));
+        assert_eq!(m.dtype, DType::BF16);
+        assert_eq!(m.max_model_len, Some(2048));
+        assert!(m.demo && !m.preload);
+    }
+
+    #[test]
+    fn defaults_fill_missing_keys() {
+        let c = parse("[[models]]\nname = \"a\"\npath = \"/abs\"\n").unwrap();
+        assert_eq!(c.server.port, 8080);
+        assert_eq!(c.models[0].path, Path::new("/abs"));
+        assert_eq!(c.models[0].device, DeviceSpec::Auto);
+        assert!(c.models[0].preload);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let e = parse("[server]\nprot = 1\n").unwrap_err().to_string();
+        assert!(e.contains("test.toml") && e.contains("prot"), "{e}");
+        let e = parse("[[models]]\nname = \"a\"\npath = \"p\"\nkv_tokens = 3\n").unwrap_err().to_string();
+        assert!(e.contains("kv_tokens"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        let e = parse("[[models]]\nname = \"a\"\npath = \"p\"\ndevice = \"tpu\"\n").unwrap_err().to_string();
+        assert!(e.contains("tpu"), "{e}");
+        let e = parse("[[models]]\nname = \"a\"\npath = \"p\"\n[[models]]\nname = \"a\"\npath = \"q\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn shipped_configs_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for f in ["config/default.toml", "config/qwen2.5-3b-instruct.toml"] {
+            let c = Config::load(&root.join(f)).unwrap();
+            assert_eq!(c.models.len(), 1, "{f}");
+        }
+        let c = Config::load(&root.join("config/default.toml")).unwrap();
+        assert_eq!(c.models[0].name, "kiln-demo");
+        assert!(c.models[0].demo);
+        assert!(c.models[0].path.ends_with("tests/fixtures/qwen2-tied-gqa"));
+    }
+}

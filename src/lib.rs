@@ -1,0 +1,20 @@
+//! The Kiln server: configuration, model wiring, the OpenAI-compatible HTTP API and the
+//! WebSocket protocol. Request path: `api` (routes, wire types) → `validation` (wire →
+//! `Valid*`) → `backend` (the per-model batcher handle of kiln-actors).
+
+pub mod api;
+pub mod backend;
+pub mod bench;
+pub mod config;
+pub mod error;
+pub mod server;
+pub mod validation;
+pub mod ws;
+
+#[doc(hidden)]
+pub mod testing;
+
+pub use api::app;
+pub use config::Config;
+pub use error::ApiError;
+pub use server::AppState;

@@ -1,0 +1,366 @@
+//! Wiring: one `ModelEntry` per configured model (tokenizer on the server side, the batcher
+//! loaded in the background), the shared `AppState`, and `serve`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use futures::future::BoxFuture;
+use kiln_actors::{spawn_batcher, BatcherConfig, BatcherHealth, Detokenize, EngineError, Metrics, SupervisorHandle};
+use kiln_models::{detect_family, Family, HfTokenizer, TextEngine, TextEngineOptions};
+use tokio::sync::watch;
+
+use crate::backend::{BatcherBackend, TextBackend, TextTokenizer};
+use crate::config::{Config, ModelConfig};
+use crate::error::ApiError;
+
+/// Where a model's batcher stands.
+#[derive(Clone)]
+pub enum LoadState {
+    Unloaded,
+    Loading,
+    Ready(Arc<dyn TextBackend>),
+    Failed(String),
+}
+
+impl LoadState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LoadState::Unloaded => "unloaded",
+            LoadState::Loading => "loading",
+            LoadState::Ready(_) => "ready",
+            LoadState::Failed(_) => "failed",
+        }
+    }
+}
+
+pub type Loader = Arc<dyn Fn() -> BoxFuture<'static, Result<Arc<dyn TextBackend>, String>> + Send + Sync>;
+
+/// One served model.
+pub struct ModelEntry {
+    pub name: String,
+    /// A random-weight demo model (its text is noise).
+    pub demo: bool,
+    pub preload: bool,
+    /// Unix seconds the server registered it (`created` in /v1/models).
+    pub created: u64,
+    pub tokenizer: Arc<dyn TextTokenizer>,
+    loader: Loader,
+    state: watch::Sender<LoadState>,
+}
+
+impl ModelEntry {
+    pub fn new(
+        name: String,
+        demo: bool,
+        preload: bool,
+        tokenizer: Arc<dyn TextTokenizer>,
+        loader: Loader,
+    ) -> Arc<ModelEntry> {
+        Arc::new(ModelEntry {
+            name,
+            demo,
+            preload,
+            created: unix_now(),
+            tokenizer,
+            loader,
+            state: watch::Sender::new(LoadState::Unloaded),
+        })
+    }
+
+    pub fn state(&self) -> LoadState {
+        self.state.borrow().clone()
+    }
+
+    /// Starts loading in the background unless loading has started already.
+    pub fn start_loading(self: &Arc<Self>) {
+        let mut start = false;
+        self.state.send_if_modified(|s| {
+            start = matches!(s, LoadState::Unloaded);
+            if start {
+                *s = LoadState::Loading;
+            }
+            start
+        });
+        if start {
+            let entry = self.clone();
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                tracing::info!(model = %entry.name, demo = entry.demo, "loading model");
+                let state = match (entry.loader)().await {
+                    Ok(backend) => {
+                        let spec = backend.spec();
+                        tracing::info!(
+                            model = %entry.name,
+                            elapsed_s = started.elapsed().as_secs_f32(),
+                            max_model_len = spec.max_model_len,
+                            kv_blocks = spec.num_blocks,
+                            block_size = spec.block_size,
+                            "model ready{}",
+                            if entry.demo { " (random-weight demo: its text is noise)" } else { "" }
+                        );
+                        LoadState::Ready(backend)
+                    }
+                    Err(e) => {
+                        tracing::error!(model = %entry.name, error = %e, "model failed to load");
+                        LoadState::Failed(e)
+                    }
+                };
+                entry.state.send_replace(state);
+            });
+        }
+    }
+
+    /// The model's backend, loading it first if needed (waits for a load in progress).
+    pub async fn backend(self: &Arc<Self>) -> Result<Arc<dyn TextBackend>, ApiError> {
+        self.start_loading();
+        let mut rx = self.state.subscribe();
+        let state = rx
+            .wait_for(|s| matches!(s, LoadState::Ready(_) | LoadState::Failed(_)))
+            .await
+            .map_err(|_| ApiError::Unavailable(format!("model {} is shutting down", self.name)))?;
+        match &*state {
+            LoadState::Ready(b) => Ok(b.clone()),
+            LoadState::Failed(e) => Err(ApiError::Unavailable(format!("model {} failed to load: {e}", self.name))),
+            _ => unreachable!("wait_for returned a state it does not accept"),
+        }
+    }
+
+    /// Waits for a load in progress to end; the error of a failed load.
+    pub async fn wait_loaded(self: &Arc<Self>) -> Result<(), String> {
+        let mut rx = self.state.subscribe();
+        let state = rx
+            .wait_for(|s| matches!(s, LoadState::Ready(_) | LoadState::Failed(_)))
+            .await
+            .map_err(|e| e.to_string())?;
+        match &*state {
+            LoadState::Failed(e) => Err(e.clone()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Limits the API enforces.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    pub max_ws_inflight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let s = crate::config::ServerConfig::default();
+        Limits {
+            max_body_bytes: s.max_body_bytes,
+            request_timeout: Duration::from_secs(s.request_timeout_s),
+            max_ws_inflight: s.max_ws_inflight,
+        }
+    }
+}
+
+/// Shared by every route; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub models: Arc<Vec<Arc<ModelEntry>>>,
+    pub limits: Limits,
+    /// The Prometheus text of every metric.
+    pub render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    /// Parent of every batcher: tells which one failed.
+    pub supervisor: Option<SupervisorHandle>,
+}
+
+impl AppState {
+    pub fn new(
+        models: Vec<Arc<ModelEntry>>,
+        limits: Limits,
+        render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    ) -> AppState {
+        AppState { models: Arc::new(models), limits, render_metrics, supervisor: None }
+    }
+
+    /// Builds every configured model's entry (tokenizers load now, batchers in the background
+    /// once `start_preload` runs). Fails on an unreadable folder or an unsupported family.
+    pub async fn from_config(config: &Config, metrics: Metrics) -> anyhow::Result<AppState> {
+        anyhow::ensure!(
+            !config.models.is_empty(),
+            "no models configured: add a [[models]] entry to the config or pass --model DIR"
+        );
+        let supervisor = SupervisorHandle::start().await.context("starting the supervisor")?;
+        let mut models = Vec::new();
+        for m in &config.models {
+            models.push(text_model_entry(m, &metrics, &supervisor)?);
+        }
+        let limits = Limits {
+            max_body_bytes: config.server.max_body_bytes,
+            request_timeout: Duration::from_secs(config.server.request_timeout_s),
+            max_ws_inflight: config.server.max_ws_inflight,
+        };
+        let render = metrics.clone();
+        let mut state = AppState::new(models, limits, Arc::new(move || render.render()));
+        state.supervisor = Some(supervisor);
+        Ok(state)
+    }
+
+    /// Starts loading every `preload` model.
+    pub fn start_preload(&self) {
+        for m in self.models.iter().filter(|m| m.preload) {
+            m.start_loading();
+        }
+    }
+
+    /// Ready when every preloaded model is loaded and no batcher is down.
+    pub async fn is_ready(&self) -> bool {
+        let loaded = self.models.iter().filter(|m| m.preload).all(|m| matches!(m.state(), LoadState::Ready(_)));
+        loaded && self.batcher_health().await.values().all(|h| *h == BatcherHealth::Running)
+    }
+
+    /// Health of every started batcher, by model (empty without a supervisor).
+    pub async fn batcher_health(&self) -> std::collections::BTreeMap<String, BatcherHealth> {
+        match &self.supervisor {
+            Some(s) => s.health().await,
+            None => Default::default(),
+        }
+    }
+
+    pub fn model(&self, name: &str) -> Option<&Arc<ModelEntry>> {
+        self.models.iter().find(|m| m.name == name)
+    }
+
+    /// The model a request names; optional when only one model is served.
+    pub fn resolve_model(&self, requested: Option<&str>) -> Result<Arc<ModelEntry>, ApiError> {
+        match requested {
+            Some(name) if !name.is_empty() => {
+                self.model(name).cloned().ok_or_else(|| ApiError::ModelNotFound(name.to_string()))
+            }
+            _ if self.models.len() == 1 => Ok(self.models[0].clone()),
+            _ => Err(ApiError::param(
+                "model",
+                format!(
+                    "`model` is required when several models are served ({})",
+                    self.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            )),
+        }
+    }
+
+    /// Stops every loaded batcher.
+    pub fn shutdown(&self) {
+        for m in self.models.iter() {
+            if let LoadState::Ready(b) = m.state() {
+                b.stop();
+            }
+        }
+        if let Some(s) = &self.supervisor {
+            s.stop();
+        }
+    }
+}
+
+fn text_model_entry(
+    m: &ModelConfig,
+    metrics: &Metrics,
+    supervisor: &SupervisorHandle,
+) -> anyhow::Result<Arc<ModelEntry>> {
+    let dir: PathBuf = m.path.clone();
+    let family = detect_family(&dir).with_context(|| format!("model {:?} at {}", m.name, dir.display()))?;
+    if family != Family::TextGeneration {
+        anyhow::bail!(
+            "model {:?} at {}: the {family:?} family is not yet supported by the server \
+             (text generation only for now)",
+            m.name,
+            dir.display()
+        );
+    }
+    let tokenizer =
+        Arc::new(HfTokenizer::load(&dir).with_context(|| format!("model {:?}: loading the tokenizer", m.name))?);
+    let detok: Arc<dyn Detokenize> = tokenizer.clone();
+    let opts = TextEngineOptions {
+        device: m.device,
+        dtype: m.dtype,
+        block_size: m.block_size,
+        kv_cache_tokens: m.kv_cache_tokens,
+        max_batch_tokens: m.max_batch_tokens,
+        max_running: m.max_running,
+        max_model_len: m.max_model_len,
+    };
+    let batcher_config =
+        BatcherConfig { max_waiting: m.max_waiting, supervisor: Some(supervisor.clone()), ..BatcherConfig::default() };
+    let model_metrics = metrics.for_model(&m.name);
+    let name = m.name.clone();
+    let loader: Loader = Arc::new(move || {
+        let dir = dir.clone();
+        let opts = opts.clone();
+        let make_engine = Arc::new(move || TextEngine::load(&dir, &opts).map_err(|e| EngineError::Load(e.to_string())));
+        let (name, config, metrics, detok) =
+            (name.clone(), batcher_config.clone(), model_metrics.clone(), detok.clone());
+        Box::pin(async move {
+            let handle = spawn_batcher(name, make_engine, config, metrics.clone()).await.map_err(|e| e.to_string())?;
+            Ok(Arc::new(BatcherBackend { handle, detok, metrics }) as Arc<dyn TextBackend>)
+        })
+    });
+    Ok(ModelEntry::new(m.name.clone(), m.demo, m.preload, tokenizer, loader))
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Serves `state` on `addr` until Ctrl-C / SIGTERM; exits with an error if a preloaded
+/// model fails to load.
+pub async fn serve(state: AppState, addr: &str) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "kiln listening");
+    state.start_preload();
+    let (fail_tx, mut fail_rx) = tokio::sync::mpsc::channel::<String>(1);
+    for m in state.models.iter().filter(|m| m.preload) {
+        let (m, fail_tx) = (m.clone(), fail_tx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = m.wait_loaded().await {
+                let _ = fail_tx.send(format!("model {:?} failed to load: {e}", m.name)).await;
+            }
+        });
+    }
+    drop(fail_tx);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = crate::api::app(state.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    let outcome = tokio::select! {
+        _ = shutdown_signal() => Ok(()),
+        Some(e) = fail_rx.recv() => Err(anyhow::anyhow!(e)),
+    };
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(());
+    // Streams in flight get a moment to finish; then the batchers stop.
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    state.shutdown();
+    outcome
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

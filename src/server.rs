@@ -325,6 +325,10 @@ pub async fn serve(state: AppState, addr: &str) -> anyhow::Result<()> {
     drop(fail_tx);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let app = crate::api::app(state.clone());
+    // Tokens are small writes: without TCP_NODELAY, Nagle + delayed ACK adds ~40 ms stalls.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {

@@ -398,7 +398,10 @@ impl<B: Backend> DecoderModel<B> {
             KvWrite::Runs(runs) => {
                 let mut cache = cache;
                 for &(slot, row, len) in runs {
-                    cache = cache.slice_assign([slot..slot + len], new.clone().narrow(0, row, len));
+                    // A one-dimension slice spec for Burn, not a vector of ranges.
+                    #[allow(clippy::single_range_in_vec_init)]
+                    let slots = [slot..slot + len];
+                    cache = cache.slice_assign(slots, new.clone().narrow(0, row, len));
                 }
                 cache
             }

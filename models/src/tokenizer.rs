@@ -71,10 +71,7 @@ fn read_optional(path: &Path) -> Result<Option<String>, LoadError> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(LoadError::Io {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        }),
+        Err(e) => Err(LoadError::Io { path: path.display().to_string(), message: e.to_string() }),
     }
 }
 
@@ -82,13 +79,11 @@ fn read_json_optional(path: &Path) -> Result<Option<Json>, LoadError> {
     let Some(text) = read_optional(path)? else {
         return Ok(None);
     };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| LoadError::Parse {
-            path: path.display().to_string(),
-            what: "JSON",
-            message: e.to_string(),
-        })
+    serde_json::from_str(&text).map(Some).map_err(|e| LoadError::Parse {
+        path: path.display().to_string(),
+        what: "JSON",
+        message: e.to_string(),
+    })
 }
 
 /// A special token in `tokenizer_config.json`: a string, an AddedToken object
@@ -135,11 +130,7 @@ fn config_chat_template(cfg: &Json, path: &Path) -> Result<Option<String>, LoadE
 fn id_list(v: Option<&Json>) -> Vec<u32> {
     match v {
         Some(Json::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-        Some(Json::Array(a)) => a
-            .iter()
-            .filter_map(Json::as_u64)
-            .map(|n| n as u32)
-            .collect(),
+        Some(Json::Array(a)) => a.iter().filter_map(Json::as_u64).map(|n| n as u32).collect(),
         _ => Vec::new(),
     }
 }
@@ -164,16 +155,14 @@ impl HfTokenizer {
         if !tok_path.is_file() {
             return Err(LoadError::Io {
                 path: tok_path.display().to_string(),
-                message: "not found (Kiln needs a HuggingFace fast tokenizer, tokenizer.json)"
-                    .into(),
+                message: "not found (Kiln needs a HuggingFace fast tokenizer, tokenizer.json)".into(),
             });
         }
-        let tokenizer =
-            tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| LoadError::Parse {
-                path: tok_path.display().to_string(),
-                what: "tokenizer",
-                message: e.to_string(),
-            })?;
+        let tokenizer = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| LoadError::Parse {
+            path: tok_path.display().to_string(),
+            what: "tokenizer",
+            message: e.to_string(),
+        })?;
 
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg = read_json_optional(&cfg_path)?.unwrap_or(Json::Null);
@@ -184,18 +173,16 @@ impl HfTokenizer {
         let gen = read_json_optional(&dir.join("generation_config.json"))?.unwrap_or(Json::Null);
         let model_cfg = read_json_optional(&dir.join("config.json")).ok().flatten();
 
-        let mut this = Self::from_parts(tokenizer, &cfg, template, &gen).map_err(|message| {
-            LoadError::Parse {
-                path: if dir.join("chat_template.jinja").is_file() {
-                    dir.join("chat_template.jinja")
-                } else {
-                    cfg_path.clone()
-                }
-                .display()
-                .to_string(),
-                what: "chat template",
-                message,
+        let mut this = Self::from_parts(tokenizer, &cfg, template, &gen).map_err(|message| LoadError::Parse {
+            path: if dir.join("chat_template.jinja").is_file() {
+                dir.join("chat_template.jinja")
+            } else {
+                cfg_path.clone()
             }
+            .display()
+            .to_string(),
+            what: "chat template",
+            message,
         })?;
         if this.eos_token_ids.is_empty() {
             if let Some(m) = model_cfg {
@@ -251,9 +238,7 @@ impl HfTokenizer {
 
     /// Text of `ids`; invalid UTF-8 (a character split across ids) becomes U+FFFD.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> String {
-        self.tokenizer
-            .decode(ids, skip_special_tokens)
-            .unwrap_or_default()
+        self.tokenizer.decode(ids, skip_special_tokens).unwrap_or_default()
     }
 
     /// Number of ids the tokenizer knows, added tokens included. A model's `vocab_size` may be
@@ -291,10 +276,7 @@ impl HfTokenizer {
 
     /// The id padding uses: `pad_token`'s, else the first eos id.
     pub fn pad_token_id(&self) -> Option<u32> {
-        self.pad_token
-            .as_deref()
-            .and_then(|t| self.token_id(t))
-            .or_else(|| self.eos_token_ids.first().copied())
+        self.pad_token.as_deref().and_then(|t| self.token_id(t)).or_else(|| self.eos_token_ids.first().copied())
     }
 
     pub fn has_chat_template(&self) -> bool {
@@ -313,11 +295,7 @@ impl HfTokenizer {
 
     /// Renders the model's chat template, as
     /// `tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=..)`.
-    pub fn apply_chat_template(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, String> {
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, String> {
         self.render_chat_template(Value::from_serialize(messages), None, add_generation_prompt)
     }
 
@@ -344,10 +322,7 @@ impl HfTokenizer {
         tools: Option<Value>,
         add_generation_prompt: bool,
     ) -> Result<String, String> {
-        let env = self
-            .env
-            .as_ref()
-            .ok_or_else(|| "this model has no chat template".to_string())?;
+        let env = self.env.as_ref().ok_or_else(|| "this model has no chat template".to_string())?;
         let template = env.get_template(TEMPLATE_NAME).map_err(|e| e.to_string())?;
         let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
         // transformers passes the special tokens that are set (special_tokens_map).
@@ -416,22 +391,13 @@ fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value,
         Some(v) if !v.is_none() => {
             let a = v.get_item_by_index(0)?;
             let b = v.get_item_by_index(1)?;
-            (
-                a.as_str().unwrap_or(",").to_string(),
-                b.as_str().unwrap_or(":").to_string(),
-            )
+            (a.as_str().unwrap_or(",").to_string(), b.as_str().unwrap_or(":").to_string())
         }
         _ if indent.is_some() => (",".to_string(), ": ".to_string()),
         _ => (", ".to_string(), ": ".to_string()),
     };
     kwargs.assert_all_used()?;
-    let opts = JsonOpts {
-        indent,
-        item_sep,
-        key_sep,
-        sort_keys,
-        ensure_ascii,
-    };
+    let opts = JsonOpts { indent, item_sep, key_sep, sort_keys, ensure_ascii };
     let mut out = String::new();
     py_json(value, &opts, 0, &mut out)?;
     Ok(Value::from_safe_string(out))
@@ -553,10 +519,8 @@ fn py_json(value: &Value, o: &JsonOpts, depth: usize, out: &mut String) -> Resul
 /// `strftime_now(format)`: the current UTC time formatted with the common `strftime` codes
 /// (`%Y %m %d %b %B %a %A %H %M %S %y %j %%`); Llama 3 templates use `"%d %b %Y"`.
 fn strftime_now(format: String) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     strftime(secs, &format)
 }
 
@@ -575,15 +539,7 @@ fn strftime(unix_secs: i64, format: &str) -> String {
         "November",
         "December",
     ];
-    const DAYS: [&str; 7] = [
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-        "Sunday",
-    ];
+    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
     let days = unix_secs.div_euclid(86_400);
     let rem = unix_secs.rem_euclid(86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -645,9 +601,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn fixture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures")
-            .join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
     }
 
     fn raw_tokenizer() -> tokenizers::Tokenizer {
@@ -656,20 +610,11 @@ mod tests {
 
     fn with_template(template: &str) -> HfTokenizer {
         let cfg = json!({"eos_token": "<|im_end|>", "bos_token": {"content": "<|im_start|>", "special": true}});
-        HfTokenizer::from_parts(
-            raw_tokenizer(),
-            &cfg,
-            Some(template.to_string()),
-            &Json::Null,
-        )
-        .unwrap()
+        HfTokenizer::from_parts(raw_tokenizer(), &cfg, Some(template.to_string()), &Json::Null).unwrap()
     }
 
     fn user(content: &str) -> Vec<ChatMessage> {
-        vec![ChatMessage {
-            role: "user".into(),
-            content: content.into(),
-        }]
+        vec![ChatMessage { role: "user".into(), content: content.into() }]
     }
 
     #[test]
@@ -692,10 +637,7 @@ mod tests {
     #[test]
     fn loads_llama_fixture() {
         let tok = HfTokenizer::load(&fixture("llama-tiny")).unwrap();
-        assert_eq!(
-            tok.eos_token_ids(),
-            vec![tok.token_id("<|im_end|>").unwrap()]
-        );
+        assert_eq!(tok.eos_token_ids(), vec![tok.token_id("<|im_end|>").unwrap()]);
         assert_eq!(tok.bos_token(), Some("<|im_start|>"));
         assert_eq!(tok.generation_defaults(), &GenerationDefaults::default());
     }
@@ -703,11 +645,7 @@ mod tests {
     #[test]
     fn missing_folder_names_the_file() {
         let err = HfTokenizer::load(Path::new("/nonexistent/kiln-model")).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("/nonexistent/kiln-model/tokenizer.json"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("/nonexistent/kiln-model/tokenizer.json"), "{err}");
     }
 
     #[test]
@@ -724,10 +662,7 @@ mod tests {
     #[test]
     fn eos_from_config_when_no_generation_config() {
         let tok = with_template("{{ messages[0].content }}");
-        assert_eq!(
-            tok.eos_token_ids(),
-            vec![tok.token_id("<|im_end|>").unwrap()]
-        );
+        assert_eq!(tok.eos_token_ids(), vec![tok.token_id("<|im_end|>").unwrap()]);
         assert_eq!(tok.bos_token(), Some("<|im_start|>"));
         let gen = json!({"eos_token_id": 5, "temperature": 0.6});
         let tok = HfTokenizer::from_parts(raw_tokenizer(), &Json::Null, None, &gen).unwrap();
@@ -748,12 +683,7 @@ mod tests {
 
     #[test]
     fn bad_template_fails_at_build() {
-        let r = HfTokenizer::from_parts(
-            raw_tokenizer(),
-            &Json::Null,
-            Some("{% if %}".into()),
-            &Json::Null,
-        );
+        let r = HfTokenizer::from_parts(raw_tokenizer(), &Json::Null, Some("{% if %}".into()), &Json::Null);
         assert!(r.is_err());
     }
 
@@ -768,22 +698,16 @@ mod tests {
 
     #[test]
     fn trim_and_lstrip_blocks_like_transformers() {
-        let tok = with_template("{% for m in messages %}\n    {% if true %}\n{{ m.role }}\n    {% endif %}\n{% endfor %}\n");
-        assert_eq!(
-            tok.apply_chat_template(&user("x"), false).unwrap(),
-            "user\n"
-        );
+        let tok =
+            with_template("{% for m in messages %}\n    {% if true %}\n{{ m.role }}\n    {% endif %}\n{% endfor %}\n");
+        assert_eq!(tok.apply_chat_template(&user("x"), false).unwrap(), "user\n");
     }
 
     #[test]
     fn tojson_matches_python_json_dumps() {
         let tok = with_template("{{ tools | tojson }}#{{ tools[0] | tojson(indent=2) }}");
-        let tools = Value::from_serialize(
-            json!([{"name": "f", "d": "<a & 'b'> é\n", "n": [1, 2.5, 3.0], "e": {}}]),
-        );
-        let out = tok
-            .render_chat_template(Value::from(Vec::<Value>::new()), Some(tools), false)
-            .unwrap();
+        let tools = Value::from_serialize(json!([{"name": "f", "d": "<a & 'b'> é\n", "n": [1, 2.5, 3.0], "e": {}}]));
+        let out = tok.render_chat_template(Value::from(Vec::<Value>::new()), Some(tools), false).unwrap();
         let (compact, indented) = out.split_once('#').unwrap();
         // Key order: serde_json's map order (sorted unless its preserve_order feature is on).
         let v: Json = serde_json::from_str(compact).unwrap();
@@ -792,19 +716,13 @@ mod tests {
         assert!(compact.contains("[1, 2.5, 3.0]"), "{compact}");
         assert!(compact.contains("\"e\": {}"), "{compact}");
         assert!(indented.starts_with("{\n  \""), "{indented}");
-        assert!(
-            indented.contains("[\n    1,\n    2.5,\n    3.0\n  ]"),
-            "{indented}"
-        );
+        assert!(indented.contains("[\n    1,\n    2.5,\n    3.0\n  ]"), "{indented}");
     }
 
     #[test]
     fn strftime_formats_dates() {
         // 2024-07-26 13:05:09 UTC, a Friday.
-        assert_eq!(
-            strftime(1_722_000_309, "%d %b %Y %H:%M:%S %a %j %%"),
-            "26 Jul 2024 13:25:09 Fri 208 %"
-        );
+        assert_eq!(strftime(1_722_000_309, "%d %b %Y %H:%M:%S %a %j %%"), "26 Jul 2024 13:25:09 Fri 208 %");
         assert_eq!(strftime(0, "%Y-%m-%d %A"), "1970-01-01 Thursday");
     }
 
@@ -812,15 +730,10 @@ mod tests {
     fn detokenize_trait() {
         use kiln_actors::Detokenize;
         let tok = HfTokenizer::load(&fixture("qwen2-tied-gqa")).unwrap();
-        let ids = tok
-            .encode("<|im_start|>Hello, world!<|im_end|>", false)
-            .unwrap();
+        let ids = tok.encode("<|im_start|>Hello, world!<|im_end|>", false).unwrap();
         assert_eq!(Detokenize::decode(&tok, &ids), "Hello, world!");
         assert_eq!(tok.token_text(ids[0]), "<|im_start|>");
-        let hello: String = ids[1..ids.len() - 1]
-            .iter()
-            .map(|&i| tok.token_text(i))
-            .collect();
+        let hello: String = ids[1..ids.len() - 1].iter().map(|&i| tok.token_text(i)).collect();
         assert_eq!(hello, "Hello, world!");
     }
 }

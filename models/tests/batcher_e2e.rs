@@ -100,8 +100,8 @@ async fn seeded_sampling_is_reproducible_across_runs_and_batches() {
     let dir = fixture("qwen2-untied-mha");
     let tok = Arc::new(HfTokenizer::load(&dir).unwrap());
     let ps = prompts(&tok, 6);
-    let sampled = |seed| SamplingParams { temperature: 1.0, top_p: 0.95, top_k: 50, seed: Some(seed), ..Default::default() };
-        |seed| SamplingParams { temperature: 8.0, top_p: 0.98, top_k: 200, seed: Some(seed), ..Default::default() };
+    let sampled =
+        |seed| SamplingParams { temperature: 1.0, top_p: 0.95, top_k: 50, seed: Some(seed), ..Default::default() };
     let b = start(dir, 4096, 32).await;
 
     let alone = run_all(&b, &tok, vec![request(ps[3].clone(), sampled(7), 16)]).await;

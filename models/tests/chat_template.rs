@@ -36,9 +36,7 @@ struct Chat {
 const FIXTURES: [&str; 3] = ["qwen2-tied-gqa", "qwen2-untied-mha", "llama-tiny"];
 
 fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
 }
 
 fn load(name: &str) -> (HfTokenizer, Expected) {
@@ -57,19 +55,13 @@ fn chat_templates_render_like_transformers() {
         assert!(tok.has_chat_template(), "{name}");
         assert!(expected.chat.len() >= 4, "{name}");
         if name.starts_with("qwen2") {
-            assert!(
-                expected.chat.iter().any(|c| c.tools.is_some()),
-                "{name}: a tools case"
-            );
+            assert!(expected.chat.iter().any(|c| c.tools.is_some()), "{name}: a tools case");
         }
         for (i, case) in expected.chat.iter().enumerate() {
             let rendered = match &case.tools {
                 None => {
-                    let messages: Vec<ChatMessage> = case
-                        .messages
-                        .iter()
-                        .map(|m| serde_json::from_value(m.clone()).unwrap())
-                        .collect();
+                    let messages: Vec<ChatMessage> =
+                        case.messages.iter().map(|m| serde_json::from_value(m.clone()).unwrap()).collect();
                     tok.apply_chat_template(&messages, case.add_generation_prompt)
                 }
                 Some(tools) => tok.render_chat_template(
@@ -90,10 +82,7 @@ fn chat_templates_render_like_transformers() {
 fn default_system_prompts() {
     let (qwen, _) = load("qwen2-tied-gqa");
     let (llama, _) = load("llama-tiny");
-    let msgs = vec![ChatMessage {
-        role: "user".into(),
-        content: "Hi".into(),
-    }];
+    let msgs = vec![ChatMessage { role: "user".into(), content: "Hi".into() }];
     assert_eq!(
         qwen.apply_chat_template(&msgs, true).unwrap(),
         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -112,26 +101,10 @@ fn prompts_encode_and_decode_like_transformers() {
             let ids = tok.encode(&p.text, false).unwrap();
             assert_eq!(ids, p.ids, "{name} prompt {i}: ids differ");
             // The post-processor adds nothing for these tokenizers.
-            assert_eq!(
-                tok.encode(&p.text, true).unwrap(),
-                p.ids,
-                "{name} prompt {i}"
-            );
-            assert_eq!(
-                tok.decode(&p.ids, false),
-                p.text,
-                "{name} prompt {i}: round trip"
-            );
-            assert_eq!(
-                tok.decode(&p.ids, true),
-                p.text,
-                "{name} prompt {i}: round trip"
-            );
-            assert_eq!(
-                tok.decode(&p.greedy, false),
-                p.greedy_text,
-                "{name} prompt {i}: greedy text"
-            );
+            assert_eq!(tok.encode(&p.text, true).unwrap(), p.ids, "{name} prompt {i}");
+            assert_eq!(tok.decode(&p.ids, false), p.text, "{name} prompt {i}: round trip");
+            assert_eq!(tok.decode(&p.ids, true), p.text, "{name} prompt {i}: round trip");
+            assert_eq!(tok.decode(&p.greedy, false), p.greedy_text, "{name} prompt {i}: greedy text");
             assert!(p.greedy.iter().all(|&id| (id as usize) < tok.vocab_size()));
         }
     }
@@ -144,11 +117,7 @@ fn special_tokens_and_eos() {
         assert_eq!(tok.vocab_size(), 1024, "{name}");
         let im_end = tok.token_id("<|im_end|>").unwrap();
         let eot = tok.token_id("<|endoftext|>").unwrap();
-        let expected_eos = if name.starts_with("qwen2") {
-            vec![im_end, eot]
-        } else {
-            vec![im_end]
-        };
+        let expected_eos = if name.starts_with("qwen2") { vec![im_end, eot] } else { vec![im_end] };
         assert_eq!(tok.eos_token_ids(), expected_eos, "{name}");
         assert_eq!(tok.eos_token(), Some("<|im_end|>"));
         // Special tokens are single ids, skipped by decode(.., true).

@@ -107,7 +107,7 @@ impl EncoderConfig {
                 EncoderKind::XlmRoberta => 1,
             }) as u32,
         };
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 cfg.hidden_size, cfg.num_attention_heads
@@ -407,7 +407,7 @@ pub fn erf_f32(x: f32) -> f32 {
     p = p * x2 + -2.101_024e-6;
     p = p * x2 + -5.692_506_4e-5;
     p = p * x2 + -7.349_906_3e-4;
-    p = p * x2 + -2.954_600_0e-3;
+    p = p * x2 + -2.9546e-3;
     p = p * x2 + -1.609_603_3e-2;
     let mut q = -1.456_607_2e-5_f32;
     q = q * x2 + -2.133_740_6e-4;

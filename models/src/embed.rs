@@ -337,16 +337,16 @@ impl Inner {
     }
 }
 
-fn load_model<B: Backend>(
+fn load_encoder<B: Backend>(
     cfg: &EncoderConfig,
     store: &WeightStore,
     device: &B::Device,
     dtype: DType,
-    pooling: Pooling,
-    normalize: bool,
-    max_seq_length: usize,
-) -> Result<EmbeddingModel<B>, LoadError> {
-    Ok(EmbeddingModel { encoder: BertModel::load(cfg, store, device, dtype)?, pooling, normalize, max_seq_length })
+    on_host: bool,
+) -> Result<BertModel<B>, LoadError> {
+    let mut encoder = BertModel::load(cfg, store, device, dtype)?;
+    encoder.host_gelu = on_host;
+    Ok(encoder)
 }
 
 struct SeqState {
@@ -377,25 +377,19 @@ impl EmbeddingEngine {
         let store = WeightStore::open(dir)?;
         let msl = st.max_seq_length;
         let inner = match backend {
-            BackendChoice::Flex => Inner::Flex(load_model(
-                &cfg,
-                &store,
-                &burn::backend::flex::FlexDevice,
-                opts.dtype,
+            BackendChoice::Flex => Inner::Flex(EmbeddingModel {
+                encoder: load_encoder(&cfg, &store, &burn::backend::flex::FlexDevice, opts.dtype, true)?,
                 pooling,
                 normalize,
-                msl,
-            )?),
+                max_seq_length: msl,
+            }),
             #[cfg(feature = "cuda")]
-            BackendChoice::Cuda(n) => Inner::Cuda(load_model(
-                &cfg,
-                &store,
-                &burn::backend::cuda::CudaDevice::new(n),
-                opts.dtype,
+            BackendChoice::Cuda(n) => Inner::Cuda(EmbeddingModel {
+                encoder: load_encoder(&cfg, &store, &burn::backend::cuda::CudaDevice::new(n), opts.dtype, false)?,
                 pooling,
                 normalize,
-                msl,
-            )?),
+                max_seq_length: msl,
+            }),
             #[cfg(not(feature = "cuda"))]
             BackendChoice::Cuda(n) => {
                 return Err(LoadError::Unsupported(format!("cuda:{n} requested but this build has no CUDA backend")))

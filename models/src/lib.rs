@@ -85,10 +85,8 @@ pub fn detect_family(dir: &Path) -> Result<Family, LoadError> {
         return Ok(Family::Embedding);
     }
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| LoadError::Io {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    })?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| LoadError::Io { path: path.display().to_string(), message: e.to_string() })?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoadError::Parse {
         path: path.display().to_string(),
         what: "JSON",

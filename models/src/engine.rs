@@ -80,8 +80,10 @@ impl<B: Backend> Runner<B> {
         opts: &TextEngineOptions,
         num_blocks: usize,
         mode: KvWriteMode,
+        host_kv_writer: Option<crate::qwen2::HostKvWriter<B>>,
     ) -> Result<Self, LoadError> {
-        let model = DecoderModel::<B>::load(cfg, store, &device, opts.dtype, mode)?;
+        let mut model = DecoderModel::<B>::load(cfg, store, &device, opts.dtype, mode)?;
+        model.host_kv_writer = host_kv_writer;
         let cache = KvCache::new(cfg, opts.block_size, num_blocks, &device, opts.dtype);
         Ok(Runner { model, cache })
     }
@@ -160,6 +162,7 @@ impl TextEngine {
                 opts,
                 num_blocks,
                 KvWriteMode::SliceRuns,
+                Some(crate::flex_kv::write_runs),
             )?),
             #[cfg(feature = "cuda")]
             BackendChoice::Cuda(n) => Inner::Cuda(Runner::load(
@@ -169,6 +172,7 @@ impl TextEngine {
                 opts,
                 num_blocks,
                 KvWriteMode::ScatterNd,
+                None,
             )?),
             #[cfg(not(feature = "cuda"))]
             BackendChoice::Cuda(n) => {

@@ -6,6 +6,9 @@ pub mod bert;
 pub mod config;
 pub mod embed;
 pub mod engine;
+#[cfg(feature = "flex")]
+pub mod flex_kv;
+pub mod memory;
 pub mod qwen2;
 pub mod tokenizer;
 pub mod weights;

@@ -149,7 +149,13 @@ pub struct DecoderModel<B: Backend> {
     pub lm_head: Option<Tensor<B, 2>>,
     pub inv_freq: Vec<f32>,
     pub kv_write_mode: KvWriteMode,
+    /// Writes `(first slot, first row, length)` runs of new K/V rows into a cache in place on
+    /// the host, for CPU backends whose scatter/slice-assign copy the whole cache per call.
+    pub host_kv_writer: Option<HostKvWriter<B>>,
 }
+
+/// `(cache, new rows, runs) -> cache`, see [`DecoderModel::host_kv_writer`].
+pub type HostKvWriter<B> = fn(Tensor<B, 3>, Tensor<B, 3>, &[(usize, usize, usize)]) -> Tensor<B, 3>;
 
 fn int_tensor<B: Backend, const D: usize>(v: Vec<i32>, shape: [usize; D], device: &B::Device) -> Tensor<B, D, Int> {
     Tensor::from_data(TensorData::new(v, shape), device)
@@ -244,6 +250,7 @@ impl<B: Backend> DecoderModel<B> {
             lm_head,
             inv_freq: cfg.rope_inv_freq(),
             kv_write_mode,
+            host_kv_writer: None,
         })
     }
 
@@ -393,8 +400,11 @@ impl<B: Backend> DecoderModel<B> {
         x * batch.cos.clone() + rotated * batch.sin.clone()
     }
 
-    fn write_kv(cache: Tensor<B, 3>, new: Tensor<B, 3>, write: &KvWrite<B>) -> Tensor<B, 3> {
+    fn write_kv(&self, cache: Tensor<B, 3>, new: Tensor<B, 3>, write: &KvWrite<B>) -> Tensor<B, 3> {
         match write {
+            KvWrite::Runs(runs) if self.host_kv_writer.is_some() => {
+                (self.host_kv_writer.expect("checked"))(cache, new, runs)
+            }
             KvWrite::Runs(runs) => {
                 let mut cache = cache;
                 for &(slot, row, len) in runs {
@@ -466,8 +476,8 @@ impl<B: Backend> DecoderModel<B> {
             let v = qkv.narrow(1, (heads + kvh) * hd, kvh * hd).reshape([t, kvh, hd]);
             let q = self.rope(q, &batch);
             let k = self.rope(k, &batch);
-            let kc = Self::write_kv(cache.k[l].take().expect("k cache"), k, &batch.write);
-            let vc = Self::write_kv(cache.v[l].take().expect("v cache"), v, &batch.write);
+            let kc = self.write_kv(cache.k[l].take().expect("k cache"), k, &batch.write);
+            let vc = self.write_kv(cache.v[l].take().expect("v cache"), v, &batch.write);
             let mut parts = Vec::with_capacity(batch.groups.len());
             for g in &batch.groups {
                 parts.push(self.attention(q.clone(), &kc, &vc, g));

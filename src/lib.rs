@@ -7,6 +7,7 @@ pub mod backend;
 pub mod bench;
 pub mod config;
 pub mod error;
+pub mod plan;
 pub mod server;
 pub mod validation;
 pub mod ws;

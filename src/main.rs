@@ -22,6 +22,8 @@ enum Command {
     Serve(ServeArgs),
     /// Benchmark generation on one model folder at several concurrencies (in process).
     Bench(kiln::bench::BenchArgs),
+    /// Plan GPU memory: per model weights, KV capacity and whether the set fits a 24/48/80 GB card.
+    Plan(kiln::plan::PlanArgs),
 }
 
 #[derive(Args)]
@@ -54,6 +56,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Bench(args) => kiln::bench::run(args),
+        Command::Plan(args) => kiln::plan::run(args),
     }
 }
 

@@ -1,7 +1,7 @@
-//! What the API needs from a served text model, as two small traits: the tokenizer (prompt
+//! What the API needs from a served model: for text, two small traits: the tokenizer (prompt
 //! building, /tokenize) and the generation backend (the model's batcher). The real
 //! implementations wrap kiln-models' `HfTokenizer` and kiln-actors' `BatcherHandle`; tests
-//! substitute fakes (`crate::testing`).
+//! substitute fakes (`crate::testing`). An embedding model is served by `EmbeddingBackend`.
 
 use std::sync::Arc;
 
@@ -97,5 +97,17 @@ where
     }
     fn stop(&self) {
         self.handle.stop()
+    }
+}
+
+/// A served embedding model: its batcher (kiln-actors' `embed_inputs` drives it).
+pub struct EmbeddingBackend {
+    pub handle: BatcherHandle<kiln_models::EmbeddingEngine>,
+}
+
+impl EmbeddingBackend {
+    /// The vectors of `inputs` (token ids, already truncated), in input order.
+    pub async fn embed(&self, inputs: Vec<Vec<u32>>) -> Result<Vec<kiln_actors::EmbedOutput>, kiln_actors::EmbedError> {
+        kiln_actors::embed_inputs(&self.handle, inputs).await
     }
 }

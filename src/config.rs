@@ -270,7 +270,7 @@ mod tests {
     #[test]
     fn shipped_configs_parse() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        for f in ["config/default.toml", "config/qwen2.5-3b-instruct.toml"] {
+        for f in ["config/default.toml", "config/qwen2.5-3b-instruct.toml", "config/minilm.toml"] {
             let c = Config::load(&root.join(f)).unwrap();
             assert_eq!(c.models.len(), 1, "{f}");
         }

@@ -8,19 +8,54 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use futures::future::BoxFuture;
 use kiln_actors::{spawn_batcher, BatcherConfig, BatcherHealth, Detokenize, EngineError, Metrics, SupervisorHandle};
-use kiln_models::{detect_family, Family, HfTokenizer, TextEngine, TextEngineOptions};
+use kiln_models::bert::EncoderConfig;
+use kiln_models::embed::SentenceTransformerConfig;
+use kiln_models::{
+    detect_family, EmbeddingEngine, EmbeddingEngineOptions, EmbeddingTokenizer, Family, HfTokenizer, TextEngine,
+    TextEngineOptions,
+};
 use tokio::sync::watch;
 
-use crate::backend::{BatcherBackend, TextBackend, TextTokenizer};
+use crate::backend::{BatcherBackend, EmbeddingBackend, TextBackend, TextTokenizer};
 use crate::config::{Config, ModelConfig};
 use crate::error::ApiError;
+
+/// A loaded model's batcher, by family.
+#[derive(Clone)]
+pub enum Backend {
+    Text(Arc<dyn TextBackend>),
+    Embedding(Arc<EmbeddingBackend>),
+}
+
+impl Backend {
+    pub fn spec(&self) -> kiln_actors::EngineSpec {
+        match self {
+            Backend::Text(b) => b.spec(),
+            Backend::Embedding(b) => b.handle.spec().clone(),
+        }
+    }
+
+    pub async fn stats(&self) -> Result<kiln_actors::BatcherStats, kiln_actors::SubmitError> {
+        match self {
+            Backend::Text(b) => b.stats().await,
+            Backend::Embedding(b) => b.handle.stats().await,
+        }
+    }
+
+    pub fn stop(&self) {
+        match self {
+            Backend::Text(b) => b.stop(),
+            Backend::Embedding(b) => b.handle.stop(),
+        }
+    }
+}
 
 /// Where a model's batcher stands.
 #[derive(Clone)]
 pub enum LoadState {
     Unloaded,
     Loading,
-    Ready(Arc<dyn TextBackend>),
+    Ready(Backend),
     Failed(String),
 }
 
@@ -35,7 +70,52 @@ impl LoadState {
     }
 }
 
+/// Starts a text model's batcher.
 pub type Loader = Arc<dyn Fn() -> BoxFuture<'static, Result<Arc<dyn TextBackend>, String>> + Send + Sync>;
+/// Starts any model's batcher.
+pub type BackendLoader = Arc<dyn Fn() -> BoxFuture<'static, Result<Backend, String>> + Send + Sync>;
+
+/// What an embedding model's folder says, known before its weights load.
+pub struct EmbeddingModel {
+    pub tokenizer: EmbeddingTokenizer,
+    /// Length of the model's vectors.
+    pub dimensions: usize,
+    pub max_seq_length: usize,
+    /// Token ids at or above this are refused.
+    pub vocab_size: usize,
+    /// e.g. `mean`, `cls`.
+    pub pooling: String,
+    /// The vectors are L2-normalised (a `Normalize` module).
+    pub normalize: bool,
+    pub prompts: std::collections::BTreeMap<String, String>,
+    pub default_prompt_name: Option<String>,
+}
+
+impl EmbeddingModel {
+    /// Reads a sentence-transformers folder's configs and tokenizer.
+    pub fn from_dir(dir: &std::path::Path) -> anyhow::Result<EmbeddingModel> {
+        let encoder = EncoderConfig::from_dir(dir)?;
+        let st = SentenceTransformerConfig::from_dir(dir, &encoder)?;
+        let tokenizer = EmbeddingTokenizer::load(dir, &st)?;
+        Ok(EmbeddingModel {
+            tokenizer,
+            dimensions: encoder.hidden_size * st.pooling.num_modes(),
+            max_seq_length: st.max_seq_length,
+            vocab_size: encoder.vocab_size,
+            pooling: st.pooling.describe(),
+            normalize: st.normalize,
+            prompts: st.prompts,
+            default_prompt_name: st.default_prompt_name,
+        })
+    }
+}
+
+/// What a served model does, with the server side of its tokenizer.
+#[derive(Clone)]
+pub enum ModelKind {
+    Text(Arc<dyn TextTokenizer>),
+    Embedding(Arc<EmbeddingModel>),
+}
 
 /// One served model.
 pub struct ModelEntry {
@@ -45,12 +125,13 @@ pub struct ModelEntry {
     pub preload: bool,
     /// Unix seconds the server registered it (`created` in /v1/models).
     pub created: u64,
-    pub tokenizer: Arc<dyn TextTokenizer>,
-    loader: Loader,
+    pub kind: ModelKind,
+    loader: BackendLoader,
     state: watch::Sender<LoadState>,
 }
 
 impl ModelEntry {
+    /// A text-generation model.
     pub fn new(
         name: String,
         demo: bool,
@@ -58,15 +139,60 @@ impl ModelEntry {
         tokenizer: Arc<dyn TextTokenizer>,
         loader: Loader,
     ) -> Arc<ModelEntry> {
+        let loader: BackendLoader = Arc::new(move || {
+            let load = loader();
+            Box::pin(async move { load.await.map(Backend::Text) })
+        });
+        Self::with_kind(name, demo, preload, ModelKind::Text(tokenizer), loader)
+    }
+
+    /// A model of any family; `loader` must start the batcher `kind` calls for.
+    pub fn with_kind(
+        name: String,
+        demo: bool,
+        preload: bool,
+        kind: ModelKind,
+        loader: BackendLoader,
+    ) -> Arc<ModelEntry> {
         Arc::new(ModelEntry {
             name,
             demo,
             preload,
             created: unix_now(),
-            tokenizer,
+            kind,
             loader,
             state: watch::Sender::new(LoadState::Unloaded),
         })
+    }
+
+    /// The tokenizer of a text model; a clear 400 for an embedding model.
+    pub fn text_tokenizer(&self) -> Result<&Arc<dyn TextTokenizer>, ApiError> {
+        match &self.kind {
+            ModelKind::Text(t) => Ok(t),
+            ModelKind::Embedding(_) => Err(ApiError::param(
+                "model",
+                format!(
+                    "the model `{}` is an embedding model: it serves /v1/embeddings (or the WebSocket `embed` \
+                     message), not text generation",
+                    self.name
+                ),
+            )),
+        }
+    }
+
+    /// The facts of an embedding model; a clear 400 for a text model.
+    pub fn embedding_model(&self) -> Result<&Arc<EmbeddingModel>, ApiError> {
+        match &self.kind {
+            ModelKind::Embedding(m) => Ok(m),
+            ModelKind::Text(_) => Err(ApiError::param(
+                "model",
+                format!(
+                    "the model `{}` is a text-generation model: it does not serve embeddings \
+                     (use /v1/chat/completions or /v1/completions)",
+                    self.name
+                ),
+            )),
+        }
     }
 
     pub fn state(&self) -> LoadState {
@@ -112,8 +238,26 @@ impl ModelEntry {
         }
     }
 
-    /// The model's backend, loading it first if needed (waits for a load in progress).
+    /// The text model's backend, loading it first if needed (waits for a load in progress).
     pub async fn backend(self: &Arc<Self>) -> Result<Arc<dyn TextBackend>, ApiError> {
+        self.text_tokenizer()?;
+        match self.loaded().await? {
+            Backend::Text(b) => Ok(b),
+            Backend::Embedding(_) => Err(ApiError::Internal(format!("model {} loaded the wrong backend", self.name))),
+        }
+    }
+
+    /// The embedding model's backend, loading it first if needed.
+    pub async fn embedding_backend(self: &Arc<Self>) -> Result<Arc<EmbeddingBackend>, ApiError> {
+        self.embedding_model()?;
+        match self.loaded().await? {
+            Backend::Embedding(b) => Ok(b),
+            Backend::Text(_) => Err(ApiError::Internal(format!("model {} loaded the wrong backend", self.name))),
+        }
+    }
+
+    /// The model's backend, loading it first if needed (waits for a load in progress).
+    pub async fn loaded(self: &Arc<Self>) -> Result<Backend, ApiError> {
         self.start_loading();
         let mut rx = self.state.subscribe();
         let state = rx
@@ -190,7 +334,7 @@ impl AppState {
         let supervisor = SupervisorHandle::start().await.context("starting the supervisor")?;
         let mut models = Vec::new();
         for m in &config.models {
-            models.push(text_model_entry(m, &metrics, &supervisor)?);
+            models.push(model_entry(m, &metrics, &supervisor)?);
         }
         let limits = Limits {
             max_body_bytes: config.server.max_body_bytes,
@@ -258,21 +402,63 @@ impl AppState {
     }
 }
 
+fn model_entry(m: &ModelConfig, metrics: &Metrics, supervisor: &SupervisorHandle) -> anyhow::Result<Arc<ModelEntry>> {
+    let family = detect_family(&m.path).with_context(|| format!("model {:?} at {}", m.name, m.path.display()))?;
+    match family {
+        Family::TextGeneration => text_model_entry(m, metrics, supervisor),
+        Family::Embedding => embedding_model_entry(m, metrics, supervisor),
+        Family::Diffusion => anyhow::bail!(
+            "model {:?} at {}: the {family:?} family is not yet supported by the server \
+             (text generation and embeddings only for now)",
+            m.name,
+            m.path.display()
+        ),
+    }
+}
+
+/// A sentence-transformers folder: its tokenizer now, an `EmbeddingEngine` batcher on load.
+/// Reuses `device`, `dtype`, `max_batch_tokens`, `max_running` and `max_waiting`.
+fn embedding_model_entry(
+    m: &ModelConfig,
+    metrics: &Metrics,
+    supervisor: &SupervisorHandle,
+) -> anyhow::Result<Arc<ModelEntry>> {
+    let dir: PathBuf = m.path.clone();
+    let model = Arc::new(
+        EmbeddingModel::from_dir(&dir)
+            .with_context(|| format!("model {:?} at {}: reading the embedding model", m.name, dir.display()))?,
+    );
+    let opts = EmbeddingEngineOptions {
+        device: m.device,
+        dtype: m.dtype,
+        max_batch_tokens: m.max_batch_tokens,
+        max_running: m.max_running,
+        pooling: None,
+    };
+    let batcher_config =
+        BatcherConfig { max_waiting: m.max_waiting, supervisor: Some(supervisor.clone()), ..BatcherConfig::default() };
+    let model_metrics = metrics.for_model(&m.name);
+    let name = m.name.clone();
+    let loader: BackendLoader = Arc::new(move || {
+        let dir = dir.clone();
+        let opts = opts.clone();
+        let make_engine =
+            Arc::new(move || EmbeddingEngine::load(&dir, &opts).map_err(|e| EngineError::Load(e.to_string())));
+        let (name, config, metrics) = (name.clone(), batcher_config.clone(), model_metrics.clone());
+        Box::pin(async move {
+            let handle = spawn_batcher(name, make_engine, config, metrics).await.map_err(|e| e.to_string())?;
+            Ok(Backend::Embedding(Arc::new(EmbeddingBackend { handle })))
+        })
+    });
+    Ok(ModelEntry::with_kind(m.name.clone(), m.demo, m.preload, ModelKind::Embedding(model), loader))
+}
+
 fn text_model_entry(
     m: &ModelConfig,
     metrics: &Metrics,
     supervisor: &SupervisorHandle,
 ) -> anyhow::Result<Arc<ModelEntry>> {
     let dir: PathBuf = m.path.clone();
-    let family = detect_family(&dir).with_context(|| format!("model {:?} at {}", m.name, dir.display()))?;
-    if family != Family::TextGeneration {
-        anyhow::bail!(
-            "model {:?} at {}: the {family:?} family is not yet supported by the server \
-             (text generation only for now)",
-            m.name,
-            dir.display()
-        );
-    }
     let tokenizer =
         Arc::new(HfTokenizer::load(&dir).with_context(|| format!("model {:?}: loading the tokenizer", m.name))?);
     let detok: Arc<dyn Detokenize> = tokenizer.clone();

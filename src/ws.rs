@@ -3,7 +3,8 @@
 //! drive it with channels.
 //!
 //! Client → server: `{"type":"generate","id":..., <chat or completions fields>}`,
-//! `{"type":"cancel","id":...}`. Server → client: `token`, `done`, `error` events.
+//! `{"type":"embed","id":..., <embeddings fields>}`, `{"type":"cancel","id":...}`.
+//! Server → client: `token`, `done`, `embedding`, `error` events.
 //! Closing the socket cancels every generation it started (their receivers are dropped).
 
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::api::embeddings::{embed, EmbeddingBody};
 use crate::api::from_value;
 use crate::api::openai::{missing, submit};
 use crate::api::types::CompletionBody;
@@ -130,13 +132,17 @@ fn handle_message(
         return Some(error_event(
             id.as_deref(),
             "invalid_message",
-            "missing `type`: expected \"generate\" or \"cancel\"",
+            "missing `type`: expected \"generate\", \"embed\" or \"cancel\"",
         ));
     };
     match kind {
-        "generate" => {
+        "generate" | "embed" => {
             let Some(id) = id else {
-                return Some(error_event(None, "invalid_message", "a generate message needs a non-empty string `id`"));
+                return Some(error_event(
+                    None,
+                    "invalid_message",
+                    &format!("a {kind} message needs a non-empty string `id`"),
+                ));
             };
             if active.contains_key(&id) {
                 return Some(error_event(
@@ -153,8 +159,12 @@ fn handle_message(
                 ));
             }
             let (cancel_tx, cancel_rx) = oneshot::channel();
-            let task =
-                tokio::spawn(run_generation(state.clone(), id.clone(), Value::Object(msg), out.clone(), cancel_rx));
+            let (state, body, out) = (state.clone(), Value::Object(msg), out.clone());
+            let task = if kind == "embed" {
+                tokio::spawn(run_embedding(state, id.clone(), body, out, cancel_rx))
+            } else {
+                tokio::spawn(run_generation(state, id.clone(), body, out, cancel_rx))
+            };
             active.insert(id, ActiveGeneration { cancel: Some(cancel_tx), task });
             None
         }
@@ -173,7 +183,7 @@ fn handle_message(
         other => Some(error_event(
             id.as_deref(),
             "unknown_type",
-            &format!("unknown message type {other:?}: expected \"generate\" or \"cancel\""),
+            &format!("unknown message type {other:?}: expected \"generate\", \"embed\" or \"cancel\""),
         )),
     }
 }
@@ -190,7 +200,7 @@ async fn run_generation(
     let setup = async {
         let body: CompletionBody = from_value(body)?;
         let entry = state.resolve_model(body.model.as_deref())?;
-        let tok = entry.tokenizer.as_ref();
+        let tok = entry.text_tokenizer()?.as_ref();
         let (endpoint, prompt) = match (&body.messages, &body.prompt) {
             (Some(_), Some(_)) => return Err(ApiError::param("messages", "give either messages or prompt, not both")),
             (Some(m), None) => (Endpoint::Chat, PromptSpec::Chat(chat_messages(m)?)),
@@ -272,6 +282,36 @@ async fn run_generation(
             return;
         }
     }
+}
+
+/// Embeds one `embed` message's inputs and sends one `embedding` event (or an `error`, or a
+/// `done` with `cancelled` when the client cancels first).
+async fn run_embedding(
+    state: AppState,
+    id: String,
+    body: Value,
+    out: mpsc::Sender<Outgoing>,
+    mut cancel: oneshot::Receiver<()>,
+) {
+    let work = async {
+        let body: EmbeddingBody = from_value(body)?;
+        embed(&state, body).await
+    };
+    let event = tokio::select! {
+        r = work => match r {
+            Ok(mut resp) => json!({
+                "type": "embedding",
+                "id": id,
+                "model": resp["model"].take(),
+                "data": resp["data"].take(),
+                "usage": resp["usage"].take(),
+            }),
+            Err(e) => api_error_event(&id, &e),
+        },
+        // Dropping `work` cancels the inputs still in the batcher.
+        _ = &mut cancel => done_event(&id, 0, "cancelled", 0, 0),
+    };
+    let _ = out.send(Outgoing { event, finished: Some(id) }).await;
 }
 
 fn done_event(id: &str, index: usize, finish_reason: &str, prompt_tokens: usize, completion_tokens: usize) -> Value {

@@ -58,7 +58,9 @@ mod tests {
         let runs = [(4usize, 0usize, 2usize), (9, 2, 3)];
         let mut expected = cache.clone();
         for &(slot, row, len) in &runs {
-            expected = expected.slice_assign([slot..slot + len], new.clone().narrow(0, row, len));
+            #[allow(clippy::single_range_in_vec_init)]
+            let slots = [slot..slot + len];
+            expected = expected.slice_assign(slots, new.clone().narrow(0, row, len));
         }
         let expected: TensorData = expected.into_data();
         let ptr_before = {

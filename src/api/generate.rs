@@ -26,7 +26,7 @@ pub async fn generate(
     };
     let sampling = body.sampling_params.clone().unwrap_or_default();
     let entry = state.resolve_model(body.model.as_deref().or(sampling.model.as_deref()))?;
-    let tok = entry.tokenizer.as_ref();
+    let tok = entry.text_tokenizer()?.as_ref();
     if sampling.n.is_some_and(|n| n != 1) {
         return Err(ApiError::param(
             "sampling_params.n",

@@ -1,6 +1,7 @@
-//! HTTP routes (axum): OpenAI-compatible completions, `/v1/generate`, tokenizer utilities,
+//! HTTP routes (axum): OpenAI-compatible completions and embeddings, `/v1/generate`, tokenizer utilities,
 //! health/readiness/metrics, and the WebSocket upgrade.
 
+pub mod embeddings;
 pub mod generate;
 pub mod openai;
 pub mod types;
@@ -16,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::server::{AppState, LoadState};
+use crate::server::{AppState, Backend, LoadState, ModelKind};
 use crate::validation::{chat_messages, render_chat};
 use types::{DetokenizeBody, TokenizeBody};
 
@@ -26,6 +27,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/generate", post(generate::generate))
         .route("/v1/models", get(list_models))
         .route("/v1/ws", get(crate::ws::ws_handler))
@@ -101,21 +103,37 @@ async fn list_models(State(state): State<AppState>) -> Json<Value> {
     for m in state.models.iter() {
         let load = m.state();
         let mut kiln = json!({
-            "family": "text-generation",
             "demo": m.demo,
             "state": load.as_str(),
             "preload": m.preload,
-            "chat_template": m.tokenizer.has_chat_template(),
         });
+        match &m.kind {
+            ModelKind::Text(tok) => {
+                kiln["family"] = json!("text-generation");
+                kiln["chat_template"] = json!(tok.has_chat_template());
+            }
+            ModelKind::Embedding(e) => {
+                kiln["family"] = json!("embedding");
+                kiln["dimensions"] = json!(e.dimensions);
+                kiln["max_seq_length"] = json!(e.max_seq_length);
+                kiln["pooling"] = json!(e.pooling);
+                kiln["normalize"] = json!(e.normalize);
+                kiln["prompts"] = json!(e.prompts);
+                kiln["default_prompt_name"] = json!(e.default_prompt_name);
+            }
+        }
         if let Some(h) = health.get(&m.name) {
             kiln["batcher"] = json!(health_str(h));
         }
         match &load {
             LoadState::Ready(b) => {
                 let spec = b.spec();
-                kiln["max_model_len"] = json!(spec.max_model_len);
-                kiln["kv_blocks"] = json!(spec.num_blocks);
-                kiln["block_size"] = json!(spec.block_size);
+                if let Backend::Text(_) = b {
+                    // An embedding engine's blocks are bookkeeping only: not shown.
+                    kiln["max_model_len"] = json!(spec.max_model_len);
+                    kiln["kv_blocks"] = json!(spec.num_blocks);
+                    kiln["block_size"] = json!(spec.block_size);
+                }
                 kiln["max_running"] = json!(spec.max_running);
                 kiln["max_batch_tokens"] = json!(spec.max_batch_tokens);
                 if let Ok(s) = b.stats().await {
@@ -148,7 +166,7 @@ async fn tokenize(
     ApiJson(body): ApiJson<TokenizeBody>,
 ) -> Result<Json<Value>, ApiError> {
     let entry = state.resolve_model(body.model.as_deref())?;
-    let tok = entry.tokenizer.as_ref();
+    let tok = entry.text_tokenizer()?.as_ref();
     let tokens = match (&body.prompt, &body.messages) {
         (Some(_), Some(_)) => return Err(ApiError::param("prompt", "give either prompt or messages, not both")),
         (Some(p), None) => {
@@ -169,7 +187,8 @@ async fn detokenize(
     ApiJson(body): ApiJson<DetokenizeBody>,
 ) -> Result<Json<Value>, ApiError> {
     let entry = state.resolve_model(body.model.as_deref())?;
-    let vocab = entry.tokenizer.vocab_size().map(|v| v as i64).unwrap_or(u32::MAX as i64 + 1);
+    let tok = entry.text_tokenizer()?;
+    let vocab = tok.vocab_size().map(|v| v as i64).unwrap_or(u32::MAX as i64 + 1);
     let ids = body
         .tokens
         .iter()
@@ -181,7 +200,7 @@ async fn detokenize(
             }
         })
         .collect::<Result<Vec<u32>, _>>()?;
-    Ok(Json(json!({"prompt": entry.tokenizer.decode(&ids, false)})))
+    Ok(Json(json!({"prompt": tok.decode(&ids, false)})))
 }
 
 fn health_str(h: &BatcherHealth) -> String {

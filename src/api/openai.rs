@@ -27,9 +27,10 @@ pub async fn chat_completions(
     ApiJson(body): ApiJson<CompletionBody>,
 ) -> Result<Response, ApiError> {
     let entry = state.resolve_model(body.model.as_deref())?;
+    let tok = entry.text_tokenizer()?.as_ref();
     let messages = body.messages.as_deref().ok_or_else(|| missing("messages"))?;
     let prompt = PromptSpec::Chat(chat_messages(messages)?);
-    let valid = validate(&body, Endpoint::Chat, prompt, entry.tokenizer.as_ref())?;
+    let valid = validate(&body, Endpoint::Chat, prompt, tok)?;
     respond(&state, &entry, valid, Shape::Chat).await
 }
 
@@ -38,8 +39,9 @@ pub async fn completions(
     ApiJson(body): ApiJson<CompletionBody>,
 ) -> Result<Response, ApiError> {
     let entry = state.resolve_model(body.model.as_deref())?;
-    let prompt = completion_prompt(body.prompt.as_ref(), entry.tokenizer.as_ref())?;
-    let valid = validate(&body, Endpoint::Completion, prompt, entry.tokenizer.as_ref())?;
+    let tok = entry.text_tokenizer()?.as_ref();
+    let prompt = completion_prompt(body.prompt.as_ref(), tok)?;
+    let valid = validate(&body, Endpoint::Completion, prompt, tok)?;
     respond(&state, &entry, valid, Shape::Completion).await
 }
 

@@ -134,7 +134,7 @@ impl TryFrom<Value> for PromptInput {
     }
 }
 
-fn token_ids(items: &[Value]) -> Result<Vec<i64>, String> {
+pub(crate) fn token_ids(items: &[Value]) -> Result<Vec<i64>, String> {
     items.iter().map(|i| i.as_i64().ok_or_else(|| format!("token ids must be integers, not {i}"))).collect()
 }
 

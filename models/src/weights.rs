@@ -44,28 +44,13 @@ pub fn burn_dtype(dtype: DType) -> BurnDType {
 impl WeightStore {
     /// Opens `dir/model.safetensors`, or the shards of `dir/model.safetensors.index.json`.
     pub fn open(dir: &Path) -> Result<Self, LoadError> {
-        let index_path = dir.join("model.safetensors.index.json");
-        let files: Vec<PathBuf> = if index_path.is_file() {
-            let v = crate::config::read_json(&index_path)?;
-            let map = v["weight_map"].as_object().ok_or_else(|| LoadError::Parse {
-                path: index_path.display().to_string(),
-                what: "safetensors index",
-                message: "missing weight_map".into(),
-            })?;
-            let mut names: Vec<String> = map.values().filter_map(|x| x.as_str().map(str::to_string)).collect();
-            names.sort();
-            names.dedup();
-            names.into_iter().map(|n| dir.join(n)).collect()
-        } else {
-            let single = dir.join("model.safetensors");
-            if !single.is_file() {
-                return Err(LoadError::Io {
-                    path: single.display().to_string(),
-                    message: "no model.safetensors or model.safetensors.index.json".into(),
-                });
-            }
-            vec![single]
-        };
+        let files = crate::memory::checkpoint_files(dir)?;
+        if files.is_empty() {
+            return Err(LoadError::Io {
+                path: dir.join("model.safetensors").display().to_string(),
+                message: "no model.safetensors or model.safetensors.index.json".into(),
+            });
+        }
         let mut shards = Vec::new();
         let mut index = HashMap::new();
         for path in files {

@@ -15,13 +15,7 @@ use tokio::sync::mpsc;
 
 /// Sampling defaults a model ships (`generation_config.json`); unset fields fall back to
 /// OpenAI's defaults.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct GenerationDefaults {
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<usize>,
-    pub repetition_penalty: Option<f32>,
-}
+pub use kiln_models::tokenizer::GenerationDefaults;
 
 /// The server side of a model's tokenizer.
 pub trait TextTokenizer: Send + Sync + 'static {
@@ -49,13 +43,9 @@ impl TextTokenizer for HfTokenizer {
     }
     fn generation_defaults(&self) -> GenerationDefaults {
         let d = HfTokenizer::generation_defaults(self);
-        GenerationDefaults {
-            // transformers decodes greedily when the model says `do_sample: false`.
-            temperature: if d.do_sample == Some(false) { Some(0.0) } else { d.temperature },
-            top_p: d.top_p,
-            top_k: d.top_k,
-            repetition_penalty: d.repetition_penalty,
-        }
+        // transformers decodes greedily when the model says `do_sample: false`.
+        let temperature = if d.do_sample == Some(false) { Some(0.0) } else { d.temperature };
+        GenerationDefaults { temperature, ..d.clone() }
     }
     fn vocab_size(&self) -> Option<usize> {
         Some(HfTokenizer::vocab_size(self))

@@ -54,7 +54,7 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-async fn start_kiln() -> Option<Server> {
+async fn start_kiln(serve_args: &[&str]) -> Option<Server> {
     let Some(bin) = kiln_binary() else {
         eprintln!("SKIPPED: no kiln binary (run `cargo build -p kiln`, or set KILN_BIN) — real-server test not run");
         return None;
@@ -62,7 +62,9 @@ async fn start_kiln() -> Option<Server> {
     let port = free_port();
     let log = std::env::temp_dir().join(format!("kiln-loadtest-real-{}-{port}.log", std::process::id()));
     let child = Command::new(&bin)
-        .args(["serve", "--config", "config/default.toml", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .arg("serve")
+        .args(serve_args)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .current_dir(workspace())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -93,7 +95,7 @@ async fn start_kiln() -> Option<Server> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_kiln_demo_model_token_counts_agree() {
-    let Some(server) = start_kiln().await else { return };
+    let Some(server) = start_kiln(&["--config", "config/default.toml"]).await else { return };
     const N: u64 = 8;
     for (kind, extra) in
         [("chat_sse", "logprobs = true"), ("chat_sse", ""), ("completions_sse", "logprobs = true"), ("websocket", "")]
@@ -138,6 +140,30 @@ async fn real_kiln_demo_model_token_counts_agree() {
             assert_eq!(sum.token_mismatches, 0, "{label}");
             assert_eq!(sum.output_tokens, 4 * N, "{label}");
         }
+    }
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_kiln_embeddings_scenario_runs() {
+    // The tiny random-weight sentence-transformers fixture, named after its folder.
+    let Some(server) = start_kiln(&["--model", "tests/fixtures/bert-tiny-st"]).await else { return };
+    let s = common::scenario(
+        &server.base_url,
+        "bert-tiny-st",
+        "embeddings",
+        "",
+        "[load]\nconcurrency = 3\n[bounds]\nrequests = 6\nwarmup_requests = 1\n\
+         [prompts]\nsource = \"synthetic\"\ninput_tokens = 10\noutput_tokens = 1\n",
+    );
+    let mode = s.validate().unwrap();
+    let r = runner::run(&s, mode, false).await.unwrap();
+    eprint!("--- embeddings\n{}", kiln_loadtest::report::table(&r));
+    let sum = &r.summary;
+    assert_eq!((sum.requests, sum.ok), (6, 6), "{:?}", r.requests.iter().find_map(|q| q.error_message.clone()));
+    for q in r.requests.iter().filter(|q| !q.warmup) {
+        assert!(q.usage_prompt_tokens.is_some_and(|p| p > 0), "usage.prompt_tokens reported: {q:?}");
+        assert!(q.e2e_ms > 0.0);
     }
     drop(server);
 }

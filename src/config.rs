@@ -71,6 +71,10 @@ pub struct ModelConfig {
     /// Load at start-up (and count for `/ready`); otherwise loaded on first use.
     #[serde(default = "default_true")]
     pub preload: bool,
+    /// Embedding models: a projection written by `kiln pca fit` (safetensors); relative paths
+    /// are resolved from the config file's folder. The API then serves its reduced vectors.
+    #[serde(default)]
+    pub projection: Option<PathBuf>,
 }
 
 fn default_block_size() -> usize {
@@ -121,6 +125,7 @@ impl ModelConfig {
             max_waiting: default_max_waiting(),
             max_model_len: None,
             preload: true,
+            projection: None,
         }
     }
 }
@@ -152,6 +157,9 @@ impl Config {
         for m in &mut config.models {
             if m.path.is_relative() {
                 m.path = base.join(&m.path);
+            }
+            if let Some(p) = m.projection.as_mut().filter(|p| p.is_relative()) {
+                *p = base.join(&*p);
             }
         }
         config.check().map_err(|e| ConfigError(format!("invalid config {origin}: {e}")))?;

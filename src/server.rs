@@ -313,6 +313,8 @@ pub struct AppState {
     pub render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
     /// Parent of every batcher: tells which one failed.
     pub supervisor: Option<SupervisorHandle>,
+    /// Set once shutdown begins: new requests get 503 while running ones finish.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {
@@ -321,7 +323,7 @@ impl AppState {
         limits: Limits,
         render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
     ) -> AppState {
-        AppState { models: Arc::new(models), limits, render_metrics, supervisor: None }
+        AppState { models: Arc::new(models), limits, render_metrics, supervisor: None, draining: Default::default() }
     }
 
     /// Builds every configured model's entry (tokenizers load now, batchers in the background

@@ -59,6 +59,14 @@ pub trait TextBackend: Send + Sync + 'static {
     fn generate(&self, generation: Generation) -> BoxFuture<'static, Result<mpsc::Receiver<ClientEvent>, SubmitError>>;
     fn stats(&self) -> BoxFuture<'static, Result<BatcherStats, SubmitError>>;
     fn stop(&self);
+    /// Device memory the engine holds (zero where unknown, e.g. fakes).
+    fn memory(&self) -> kiln_actors::MemoryBytes {
+        Default::default()
+    }
+    /// Resolves once the engine has ended and freed its memory (after `stop`).
+    fn engine_exited(&self) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// A model's batcher (kiln-actors) with the tokenizer the request actors detokenize with.
@@ -88,11 +96,20 @@ where
     fn stop(&self) {
         self.handle.stop()
     }
+    fn memory(&self) -> kiln_actors::MemoryBytes {
+        self.handle.memory()
+    }
+    fn engine_exited(&self) -> BoxFuture<'static, ()> {
+        let handle = self.handle.clone();
+        Box::pin(async move { handle.engine_exited().await })
+    }
 }
 
 /// A served embedding model: its batcher (kiln-actors' `embed_inputs` drives it).
 pub struct EmbeddingBackend {
     pub handle: BatcherHandle<kiln_models::EmbeddingEngine>,
+    /// The model's metrics (request latency and outcomes are recorded by the API).
+    pub metrics: ModelMetrics,
 }
 
 impl EmbeddingBackend {

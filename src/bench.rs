@@ -126,6 +126,7 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<()> {
         max_batch_tokens: args.max_batch_tokens,
         max_running: max_conc.max(1),
         max_model_len: None,
+        host_cache: None,
     };
     let (rss0, _) = rss_mib();
     let t_load = Instant::now();

@@ -27,6 +27,24 @@ pub struct ServerConfig {
     pub request_timeout_s: u64,
     /// Generations one WebSocket may run at once.
     pub max_ws_inflight: usize,
+    /// Share of each CUDA device's total memory the models may hold (weights, KV, activations).
+    pub memory_fraction: f64,
+    /// Memory the models on the CPU may hold, e.g. `"8GB"` or bytes; default: `memory_fraction`
+    /// of the host's RAM.
+    #[serde(deserialize_with = "de_opt_bytes")]
+    pub memory_limit: Option<u64>,
+    /// Seconds a request for a model that must first be loaded (after evicting idle models)
+    /// waits for memory to free up before it gets 503.
+    pub load_wait_s: u64,
+    /// Host RAM that keeps text models' checkpoint files after their first load, so a model
+    /// unloaded to make room for another reloads without reading the disk (e.g. `"16GB"`;
+    /// 0, the default, disables it: on a CPU-only server it would hold a second copy).
+    #[serde(deserialize_with = "de_bytes")]
+    pub host_cache_bytes: u64,
+    /// On SIGTERM / Ctrl-C, seconds running requests may take to finish before the server exits.
+    pub drain_timeout_s: u64,
+    /// Test-only: enables `POST /admin/fault` (inject engine or batcher failures). Off by default.
+    pub fault_injection: bool,
 }
 
 impl Default for ServerConfig {
@@ -37,6 +55,12 @@ impl Default for ServerConfig {
             max_body_bytes: 4 << 20,
             request_timeout_s: 600,
             max_ws_inflight: 16,
+            memory_fraction: 0.9,
+            memory_limit: None,
+            load_wait_s: 60,
+            host_cache_bytes: 0,
+            drain_timeout_s: 30,
+            fault_injection: false,
         }
     }
 }
@@ -65,6 +89,9 @@ pub struct ModelConfig {
     pub max_running: usize,
     #[serde(default = "default_max_waiting")]
     pub max_waiting: usize,
+    /// Prompt tokens waiting beyond which new requests get 429 (default: no limit).
+    #[serde(default)]
+    pub max_waiting_tokens: Option<usize>,
     /// Caps the model's own context length.
     #[serde(default)]
     pub max_model_len: Option<usize>,
@@ -96,6 +123,24 @@ fn default_true() -> bool {
     true
 }
 
+fn de_opt_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Option::<Size>::deserialize(d)? {
+        None => Ok(None),
+        Some(Size::Bytes(b)) => Ok(Some(b)),
+        Some(Size::Text(t)) => crate::plan::parse_bytes(&t).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    de_opt_bytes(d)?.ok_or_else(|| serde::de::Error::custom("expected a size such as \"16GB\" or bytes"))
+}
+
 fn de_device<'de, D: Deserializer<'de>>(d: D) -> Result<DeviceSpec, D::Error> {
     let s = String::deserialize(d)?;
     s.parse().map_err(serde::de::Error::custom)
@@ -123,6 +168,7 @@ impl ModelConfig {
             max_batch_tokens: default_max_batch_tokens(),
             max_running: default_max_running(),
             max_waiting: default_max_waiting(),
+            max_waiting_tokens: None,
             max_model_len: None,
             preload: true,
             projection: None,
@@ -188,12 +234,21 @@ impl Config {
                     return Err(format!("{at}: {key} must be at least 1"));
                 }
             }
+            if m.max_waiting_tokens == Some(0) {
+                return Err(format!("{at}: max_waiting_tokens must be at least 1"));
+            }
             if m.max_model_len == Some(0) {
                 return Err(format!("{at}: max_model_len must be at least 1"));
             }
         }
         if self.server.max_body_bytes < 1024 {
             return Err("server.max_body_bytes must be at least 1024".to_string());
+        }
+        if !(self.server.memory_fraction > 0.0 && self.server.memory_fraction <= 1.0) {
+            return Err(format!("server.memory_fraction must be in (0, 1], got {}", self.server.memory_fraction));
+        }
+        if self.server.memory_limit == Some(0) {
+            return Err("server.memory_limit must be more than 0".to_string());
         }
         if self.server.max_ws_inflight == 0 {
             return Err("server.max_ws_inflight must be at least 1".to_string());
@@ -220,6 +275,11 @@ mod tests {
             max_body_bytes = 65536
             request_timeout_s = 30
             max_ws_inflight = 4
+            memory_fraction = 0.8
+            memory_limit = "2GB"
+            load_wait_s = 5
+            drain_timeout_s = 3
+            fault_injection = true
 
             [[models]]
             name = "m"
@@ -240,6 +300,12 @@ mod tests {
         assert_eq!(c.server.host, "0.0.0.0");
         assert_eq!(c.server.port, 9000);
         assert_eq!(c.server.max_ws_inflight, 4);
+        assert_eq!(c.server.memory_limit, Some(2 << 30));
+        assert_eq!((c.server.memory_fraction, c.server.load_wait_s, c.server.drain_timeout_s), (0.8, 5, 3));
+        assert!(c.server.fault_injection);
+        assert_eq!(parse("[server]\nmemory_limit = 1048576\n").unwrap().server.memory_limit, Some(1 << 20));
+        assert!(parse("[server]\nmemory_limit = \"lots\"\n").is_err());
+        assert!(parse("[server]\nmemory_fraction = 1.5\n").is_err());
         let m = &c.models[0];
         assert_eq!(m.path, Path::new("/etc/kiln/models/m"));
         assert_eq!(m.device, DeviceSpec::Cuda(1));

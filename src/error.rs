@@ -31,6 +31,14 @@ pub enum ApiError {
     Overloaded { retry_after_s: u64 },
     #[error("model unavailable: {0}")]
     Unavailable(String),
+    /// The server is shutting down: no new requests (503 with `Retry-After`).
+    #[error(
+        "the server is shutting down and accepts no new requests; retry after {retry_after_s} s (another replica)"
+    )]
+    Draining { retry_after_s: u64 },
+    /// The request's deadline (`timeout`, or the server's `request_timeout_s`) passed.
+    #[error("the request did not finish within its timeout of {timeout_s} s")]
+    Timeout { timeout_s: f64 },
     #[error("{0}")]
     Unsupported(String),
     #[error("internal error: {0}")]
@@ -53,7 +61,8 @@ impl ApiError {
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Draining { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -62,7 +71,8 @@ impl ApiError {
     pub fn error_type(&self) -> &'static str {
         match self {
             ApiError::Overloaded { .. } => "rate_limit_error",
-            ApiError::Unavailable(_) => "service_unavailable",
+            ApiError::Unavailable(_) | ApiError::Draining { .. } => "service_unavailable",
+            ApiError::Timeout { .. } => "timeout_error",
             ApiError::Internal(_) => "server_error",
             _ => "invalid_request_error",
         }
@@ -80,8 +90,18 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::Unavailable(_) => "model_unavailable",
+            ApiError::Draining { .. } => "draining",
+            ApiError::Timeout { .. } => "timeout",
             ApiError::Unsupported(_) => "unsupported",
             ApiError::Internal(_) => "internal_error",
+        }
+    }
+
+    /// Seconds a client should wait before retrying (the `Retry-After` header), if any.
+    pub fn retry_after_s(&self) -> Option<u64> {
+        match self {
+            ApiError::Overloaded { retry_after_s } | ApiError::Draining { retry_after_s } => Some(*retry_after_s),
+            _ => None,
         }
     }
 
@@ -122,8 +142,8 @@ impl From<SubmitError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status(), axum::Json(self.body())).into_response();
-        if let ApiError::Overloaded { retry_after_s } = &self {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+        if let Some(retry_after_s) = self.retry_after_s() {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
         }
         resp
     }
@@ -146,6 +166,16 @@ mod tests {
         assert_eq!(too_large.status(), StatusCode::BAD_REQUEST);
         let gone = ApiError::from(SubmitError::Unavailable("x".into()));
         assert_eq!(gone.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn draining_and_timeout_statuses() {
+        let r = ApiError::Draining { retry_after_s: 1 }.into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let t = ApiError::Timeout { timeout_s: 0.5 };
+        assert_eq!((t.status(), t.error_type(), t.code()), (StatusCode::REQUEST_TIMEOUT, "timeout_error", "timeout"));
+        assert!(t.to_string().contains("0.5 s"), "{t}");
     }
 
     #[test]

@@ -2,12 +2,16 @@
 //! loaded in the background), the shared `AppState`, and `serve`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use futures::future::BoxFuture;
-use kiln_actors::{spawn_batcher, BatcherConfig, BatcherHealth, Detokenize, EngineError, Metrics, SupervisorHandle};
+use kiln_actors::{
+    spawn_batcher, BatcherConfig, BatcherHealth, Detokenize, DeviceLedger, EngineError, FailureHook, FaultSwitch,
+    MemoryBytes, MemoryPlan, Metrics, ModelMetrics, SupervisorHandle,
+};
 use kiln_models::bert::EncoderConfig;
 use kiln_models::embed::SentenceTransformerConfig;
 use kiln_models::{
@@ -48,7 +52,135 @@ impl Backend {
             Backend::Embedding(b) => b.handle.stop(),
         }
     }
+
+    /// Device memory the engine holds.
+    pub fn memory(&self) -> MemoryBytes {
+        match self {
+            Backend::Text(b) => b.memory(),
+            Backend::Embedding(b) => b.handle.memory(),
+        }
+    }
+
+    /// Resolves once the engine has ended and freed its memory (after `stop`).
+    pub async fn engine_exited(&self) {
+        match self {
+            Backend::Text(b) => b.engine_exited().await,
+            Backend::Embedding(b) => b.handle.engine_exited().await,
+        }
+    }
 }
+
+/// Where a model's memory comes from: its device's ledger, the reservation it makes before
+/// loading, and the pool of models it shares the device with (for eviction).
+pub struct Placement {
+    pub ledger: Arc<DeviceLedger>,
+    /// Estimated before loading (weights from the checkpoint, KV pool, activation reserve).
+    pub estimate: MemoryBytes,
+    pub pool: Arc<ModelPool>,
+}
+
+/// Every served model, for least-recently-used eviction, and the lock that serialises loads.
+pub struct ModelPool {
+    entries: OnceLock<Vec<Weak<ModelEntry>>>,
+    load_lock: tokio::sync::Mutex<()>,
+    /// How long a load waits for busy models to go idle before giving up.
+    load_wait: Duration,
+    /// A model used more recently than this is not evicted (a request may be about to submit).
+    idle_grace: Duration,
+    started: Instant,
+}
+
+impl ModelPool {
+    pub fn new(load_wait: Duration) -> Arc<ModelPool> {
+        Arc::new(ModelPool {
+            entries: OnceLock::new(),
+            load_lock: tokio::sync::Mutex::new(()),
+            load_wait,
+            idle_grace: Duration::from_millis(250),
+            started: Instant::now(),
+        })
+    }
+
+    /// Registers the models sharing the pool (once).
+    pub fn set_entries(&self, entries: &[Arc<ModelEntry>]) {
+        let _ = self.entries.set(entries.iter().map(Arc::downgrade).collect());
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Frees room on `entry`'s device for its reservation: unloads idle models on the same
+    /// ledger, least recently used first; waits (up to `load_wait`) while they are busy.
+    async fn make_room(&self, entry: &Arc<ModelEntry>, placement: &Placement) -> Result<(), String> {
+        let ledger = &placement.ledger;
+        let need = placement.estimate.total();
+        if need > ledger.capacity() {
+            return Err(format!(
+                "model {} needs {} (weights {}, KV cache {}, activations {}) but {} has {} for models; \
+                 lower kv_cache_tokens or max_batch_tokens, or raise memory_limit / memory_fraction",
+                entry.name,
+                human_bytes(need),
+                human_bytes(placement.estimate.weights),
+                human_bytes(placement.estimate.kv),
+                human_bytes(placement.estimate.activations),
+                ledger.device(),
+                human_bytes(ledger.capacity()),
+            ));
+        }
+        let deadline = Instant::now() + self.load_wait;
+        loop {
+            if ledger.free() >= need {
+                return Ok(());
+            }
+            let mut others: Vec<Arc<ModelEntry>> = self
+                .entries
+                .get()
+                .into_iter()
+                .flatten()
+                .filter_map(Weak::upgrade)
+                .filter(|e| {
+                    !Arc::ptr_eq(e, entry)
+                        && e.placement().is_some_and(|p| Arc::ptr_eq(&p.ledger, ledger))
+                        && matches!(e.state(), LoadState::Ready(_))
+                })
+                .collect();
+            others.sort_by_key(|e| e.last_used.load(Ordering::Relaxed));
+            let mut evicted = false;
+            for other in others {
+                if other.is_idle(self.now_ms(), self.idle_grace).await {
+                    tracing::info!(
+                        model = %other.name,
+                        for_model = %entry.name,
+                        device = ledger.device(),
+                        free = %human_bytes(ledger.free()),
+                        need = %human_bytes(need),
+                        "unloading the least recently used idle model to make room"
+                    );
+                    other.unload().await;
+                    evicted = true;
+                    break;
+                }
+            }
+            if evicted {
+                continue;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "not enough free memory on {} to load model {}: it needs {}, {} is free and the other \
+                     models are busy; retry later",
+                    ledger.device(),
+                    entry.name,
+                    human_bytes(need),
+                    human_bytes(ledger.free()),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+pub use kiln_actors::ledger::human_bytes;
 
 /// Where a model's batcher stands.
 #[derive(Clone)]
@@ -128,6 +260,13 @@ pub struct ModelEntry {
     pub kind: ModelKind,
     loader: BackendLoader,
     state: watch::Sender<LoadState>,
+    /// Its device ledger and pool (none: memory not accounted, e.g. test fakes).
+    placement: OnceLock<Placement>,
+    /// Milliseconds since the pool started, at the last request (for LRU eviction).
+    last_used: AtomicU64,
+    /// Loaded at least once (a preloaded model unloaded since still counts as ready).
+    ever_loaded: std::sync::atomic::AtomicBool,
+    metrics: OnceLock<ModelMetrics>,
 }
 
 impl ModelEntry {
@@ -162,7 +301,129 @@ impl ModelEntry {
             kind,
             loader,
             state: watch::Sender::new(LoadState::Unloaded),
+            placement: OnceLock::new(),
+            last_used: AtomicU64::new(0),
+            ever_loaded: Default::default(),
+            metrics: OnceLock::new(),
         })
+    }
+
+    /// Accounts the model's memory in `placement` (once, before the first load).
+    pub fn set_placement(&self, placement: Placement) {
+        let _ = self.placement.set(placement);
+    }
+
+    pub fn placement(&self) -> Option<&Placement> {
+        self.placement.get()
+    }
+
+    /// The model's metrics (loaded, loads, memory gauges).
+    pub fn set_metrics(&self, metrics: ModelMetrics) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    /// The model's memory for `/v1/models`: where it lives, what it holds (measured once
+    /// loaded, else the estimate it will reserve), and what its KV pool allows.
+    pub fn memory_report(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        if let Some(p) = self.placement() {
+            let held = p.ledger.held_by(&self.name);
+            let loaded = held.total() > 0;
+            let bytes = if loaded { held } else { p.estimate };
+            out.insert("device".into(), p.ledger.device().into());
+            out.insert("measured".into(), loaded.into());
+            out.insert("weights_bytes".into(), bytes.weights.into());
+            out.insert("kv_bytes".into(), bytes.kv.into());
+            out.insert("activation_bytes".into(), bytes.activations.into());
+            out.insert("device_budget_bytes".into(), p.ledger.capacity().into());
+            out.insert("device_free_bytes".into(), p.ledger.free().into());
+        }
+        if let LoadState::Ready(b) = self.state() {
+            let spec = b.spec();
+            if matches!(self.kind, ModelKind::Text(_)) {
+                let tokens = spec.num_blocks * spec.block_size;
+                let per_seq = spec.max_model_len.div_ceil(spec.block_size).max(1);
+                out.insert("kv_blocks".into(), spec.num_blocks.into());
+                out.insert("block_size".into(), spec.block_size.into());
+                out.insert("max_tokens_in_cache".into(), tokens.into());
+                out.insert("max_model_len".into(), spec.max_model_len.into());
+                out.insert("max_concurrent_sequences".into(), spec.max_running.min(spec.num_blocks).into());
+                out.insert(
+                    "max_concurrent_sequences_at_max_model_len".into(),
+                    spec.max_running.min(spec.num_blocks / per_seq).into(),
+                );
+            } else {
+                out.insert("max_concurrent_sequences".into(), spec.max_running.into());
+            }
+        }
+        serde_json::Value::Object(out)
+    }
+
+    /// Whether the loaded model has no queued or running sequence and was not used lately.
+    async fn is_idle(&self, now_ms: u64, grace: Duration) -> bool {
+        let LoadState::Ready(backend) = self.state() else { return false };
+        if now_ms.saturating_sub(self.last_used.load(Ordering::Relaxed)) < grace.as_millis() as u64 {
+            return false;
+        }
+        matches!(backend.stats().await, Ok(s) if s.waiting == 0 && s.running == 0)
+    }
+
+    /// Unloads a ready model: stops its batcher and waits until its engine has freed its
+    /// memory. A later request loads it again.
+    pub async fn unload(&self) {
+        let mut backend = None;
+        self.state.send_if_modified(|s| {
+            if let LoadState::Ready(b) = s {
+                backend = Some(b.clone());
+                *s = LoadState::Unloaded;
+                true
+            } else {
+                false
+            }
+        });
+        if let Some(b) = backend {
+            b.stop();
+            b.engine_exited().await;
+            self.record_unloaded();
+            tracing::info!(model = %self.name, "model unloaded");
+        }
+    }
+
+    fn record_unloaded(&self) {
+        if let Some(m) = self.metrics.get() {
+            m.model_unloads.inc();
+            m.model_loaded.set(0);
+            m.mem_weights.set(0);
+            m.mem_kv.set(0);
+            m.mem_activations.set(0);
+        }
+    }
+
+    /// The supervisor's hook: the batcher actor failed (its sequences got an error event).
+    /// Drops the dead backend and loads the model again; its engine frees its memory as its
+    /// thread ends, which the reload waits for in the ledger.
+    pub fn restart_after_failure(self: &Arc<Self>, error: &str) {
+        let mut was_ready = false;
+        self.state.send_if_modified(|s| {
+            was_ready = matches!(s, LoadState::Ready(_));
+            if was_ready {
+                *s = LoadState::Unloaded;
+            }
+            was_ready
+        });
+        if was_ready {
+            self.record_unloaded();
+            tracing::warn!(model = %self.name, error, "restarting the model's batcher after a failure");
+            self.start_loading();
+        }
+    }
+
+    /// Loads the backend, first making room in the device ledger when the model has one.
+    async fn load_with_room(self: &Arc<Self>) -> Result<Backend, String> {
+        let Some(placement) = self.placement() else { return (self.loader)().await };
+        let _serialised = placement.pool.load_lock.lock().await;
+        placement.pool.make_room(self, placement).await?;
+        (self.loader)().await
     }
 
     /// The tokenizer of a text model; a clear 400 for an embedding model.
@@ -214,15 +475,27 @@ impl ModelEntry {
             tokio::spawn(async move {
                 let started = std::time::Instant::now();
                 tracing::info!(model = %entry.name, demo = entry.demo, "loading model");
-                let state = match (entry.loader)().await {
+                let state = match entry.load_with_room().await {
                     Ok(backend) => {
                         let spec = backend.spec();
+                        let memory = backend.memory();
+                        entry.ever_loaded.store(true, Ordering::Relaxed);
+                        if let Some(m) = entry.metrics.get() {
+                            m.model_loads.inc();
+                            m.model_loaded.set(1);
+                            m.mem_weights.set(memory.weights as i64);
+                            m.mem_kv.set(memory.kv as i64);
+                            m.mem_activations.set(memory.activations as i64);
+                        }
                         tracing::info!(
                             model = %entry.name,
                             elapsed_s = started.elapsed().as_secs_f32(),
                             max_model_len = spec.max_model_len,
                             kv_blocks = spec.num_blocks,
                             block_size = spec.block_size,
+                            weights = %human_bytes(memory.weights),
+                            kv = %human_bytes(memory.kv),
+                            activations = %human_bytes(memory.activations),
                             "model ready{}",
                             if entry.demo { " (random-weight demo: its text is noise)" } else { "" }
                         );
@@ -258,6 +531,9 @@ impl ModelEntry {
 
     /// The model's backend, loading it first if needed (waits for a load in progress).
     pub async fn loaded(self: &Arc<Self>) -> Result<Backend, ApiError> {
+        if let Some(p) = self.placement() {
+            self.last_used.store(p.pool.now_ms(), Ordering::Relaxed);
+        }
         self.start_loading();
         let mut rx = self.state.subscribe();
         let state = rx
@@ -315,6 +591,12 @@ pub struct AppState {
     pub supervisor: Option<SupervisorHandle>,
     /// Set once shutdown begins: new requests get 503 while running ones finish.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// One memory ledger per device the models use.
+    pub ledgers: Vec<Arc<DeviceLedger>>,
+    /// On shutdown, how long running requests may take to finish.
+    pub drain_timeout: Duration,
+    /// Test-only fault switches by model (`[server] fault_injection = true`).
+    pub faults: Option<Arc<std::collections::BTreeMap<String, Arc<FaultSwitch>>>>,
 }
 
 impl AppState {
@@ -323,7 +605,16 @@ impl AppState {
         limits: Limits,
         render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
     ) -> AppState {
-        AppState { models: Arc::new(models), limits, render_metrics, supervisor: None, draining: Default::default() }
+        AppState {
+            models: Arc::new(models),
+            limits,
+            render_metrics,
+            supervisor: None,
+            draining: Default::default(),
+            ledgers: Vec::new(),
+            drain_timeout: Duration::from_secs(crate::config::ServerConfig::default().drain_timeout_s),
+            faults: None,
+        }
     }
 
     /// Builds every configured model's entry (tokenizers load now, batchers in the background
@@ -334,10 +625,44 @@ impl AppState {
             "no models configured: add a [[models]] entry to the config or pass --model DIR"
         );
         let supervisor = SupervisorHandle::start().await.context("starting the supervisor")?;
+        let pool = ModelPool::new(Duration::from_secs(config.server.load_wait_s));
+        let mut ledgers: std::collections::BTreeMap<String, Arc<DeviceLedger>> = Default::default();
+        let mut faults = std::collections::BTreeMap::new();
+        let host_cache = (config.server.host_cache_bytes > 0)
+            .then(|| kiln_models::weights::HostWeightCache::new(config.server.host_cache_bytes));
         let mut models = Vec::new();
         for m in &config.models {
-            models.push(model_entry(m, &metrics, &supervisor)?);
+            let ledger = device_ledger(m, &config.server, &mut ledgers)?;
+            let estimate = ledger.as_ref().map(|_| estimate_memory(m)).transpose()?;
+            let fault = config.server.fault_injection.then(|| Arc::new(FaultSwitch::default()));
+            let wiring = Wiring {
+                supervisor: supervisor.clone(),
+                memory: ledger.clone().zip(estimate).map(|(ledger, estimate)| MemoryPlan { ledger, estimate }),
+                faults: fault.clone(),
+                entry: Arc::new(OnceLock::new()),
+                host_cache: host_cache.clone(),
+            };
+            let entry = model_entry(m, &metrics, &wiring)?;
+            let _ = wiring.entry.set(Arc::downgrade(&entry));
+            entry.set_metrics(metrics.for_model(&m.name));
+            if let Some(plan) = wiring.memory {
+                tracing::info!(
+                    model = %m.name,
+                    device = plan.ledger.device(),
+                    weights = %human_bytes(plan.estimate.weights),
+                    kv = %human_bytes(plan.estimate.kv),
+                    activations = %human_bytes(plan.estimate.activations),
+                    device_budget = %human_bytes(plan.ledger.capacity()),
+                    "memory plan (estimates; replaced by measurements once loaded)"
+                );
+                entry.set_placement(Placement { ledger: plan.ledger, estimate: plan.estimate, pool: pool.clone() });
+            }
+            if let Some(f) = fault {
+                faults.insert(m.name.clone(), f);
+            }
+            models.push(entry);
         }
+        pool.set_entries(&models);
         let limits = Limits {
             max_body_bytes: config.server.max_body_bytes,
             request_timeout: Duration::from_secs(config.server.request_timeout_s),
@@ -346,6 +671,12 @@ impl AppState {
         let render = metrics.clone();
         let mut state = AppState::new(models, limits, Arc::new(move || render.render()));
         state.supervisor = Some(supervisor);
+        state.ledgers = ledgers.into_values().collect();
+        state.drain_timeout = Duration::from_secs(config.server.drain_timeout_s);
+        if config.server.fault_injection {
+            tracing::warn!("fault injection is enabled (POST /admin/fault): for tests only");
+            state.faults = Some(Arc::new(faults));
+        }
         Ok(state)
     }
 
@@ -356,10 +687,15 @@ impl AppState {
         }
     }
 
-    /// Ready when every preloaded model is loaded and no batcher is down.
+    /// Ready when every preloaded model is loaded and no batcher is down. (A model unloaded to
+    /// make room for another is not down: it reloads on its next request.)
     pub async fn is_ready(&self) -> bool {
-        let loaded = self.models.iter().filter(|m| m.preload).all(|m| matches!(m.state(), LoadState::Ready(_)));
-        loaded && self.batcher_health().await.values().all(|h| *h == BatcherHealth::Running)
+        let loaded = self
+            .models
+            .iter()
+            .filter(|m| m.preload)
+            .all(|m| m.ever_loaded.load(Ordering::Relaxed) && !matches!(m.state(), LoadState::Failed(_)));
+        loaded && self.batcher_health().await.values().all(|h| !matches!(h, BatcherHealth::Failed(_)))
     }
 
     /// Health of every started batcher, by model (empty without a supervisor).
@@ -404,11 +740,91 @@ impl AppState {
     }
 }
 
-fn model_entry(m: &ModelConfig, metrics: &Metrics, supervisor: &SupervisorHandle) -> anyhow::Result<Arc<ModelEntry>> {
+/// How a model's batcher is wired into the server: its supervisor, its memory, test faults,
+/// and (once created) its own entry, which the supervisor's failure hook reloads.
+struct Wiring {
+    supervisor: SupervisorHandle,
+    memory: Option<MemoryPlan>,
+    faults: Option<Arc<FaultSwitch>>,
+    entry: Arc<OnceLock<Weak<ModelEntry>>>,
+    host_cache: Option<Arc<kiln_models::weights::HostWeightCache>>,
+}
+
+impl Wiring {
+    fn batcher_config(&self, m: &ModelConfig) -> BatcherConfig {
+        let entry = self.entry.clone();
+        let on_failure: FailureHook = Arc::new(move |error: String| {
+            if let Some(entry) = entry.get().and_then(Weak::upgrade) {
+                entry.restart_after_failure(&error);
+            }
+        });
+        BatcherConfig {
+            max_waiting: m.max_waiting,
+            max_waiting_tokens: m.max_waiting_tokens.unwrap_or(usize::MAX),
+            supervisor: Some(self.supervisor.clone()),
+            on_failure: Some(on_failure),
+            memory: self.memory.clone(),
+            faults: self.faults.clone(),
+            ..BatcherConfig::default()
+        }
+    }
+}
+
+/// The ledger of the device `m` runs on (one per device, created on first use). `None` when
+/// the device's memory is unknown (e.g. no CUDA driver: the load reports the real error).
+fn device_ledger(
+    m: &ModelConfig,
+    server: &crate::config::ServerConfig,
+    ledgers: &mut std::collections::BTreeMap<String, Arc<DeviceLedger>>,
+) -> anyhow::Result<Option<Arc<DeviceLedger>>> {
+    let backend =
+        kiln_models::backend::choose_backend(m.device).map_err(|e| anyhow::anyhow!("model {:?}: {e}", m.name))?;
+    let key = backend.describe();
+    if let Some(l) = ledgers.get(&key) {
+        return Ok(Some(l.clone()));
+    }
+    let capacity = match (backend, server.memory_limit) {
+        (kiln_models::backend::BackendChoice::Flex, Some(limit)) => Some(limit),
+        _ => kiln_models::backend::device_total_memory(backend).map(|t| (t as f64 * server.memory_fraction) as u64),
+    };
+    let Some(capacity) = capacity else {
+        tracing::warn!(device = %key, "the device's memory is unknown: its models are not memory-accounted");
+        return Ok(None);
+    };
+    tracing::info!(device = %key, budget = %human_bytes(capacity), "device memory ledger");
+    let ledger = DeviceLedger::new(key.clone(), capacity);
+    ledgers.insert(key, ledger.clone());
+    Ok(Some(ledger))
+}
+
+/// What `m` will reserve before loading: checkpoint weights in the configured dtype, the KV
+/// pool it asks for, and the activation reserve of its largest step (`kiln plan`'s formula).
+fn estimate_memory(m: &ModelConfig) -> anyhow::Result<MemoryBytes> {
+    let mem = kiln_models::memory::estimate(&m.path, m.dtype).with_context(|| format!("model {:?}", m.name))?;
+    let positions = mem.shape.max_positions.max(1);
+    if mem.is_text() {
+        let kv_tokens = m.kv_cache_tokens.div_ceil(m.block_size) * m.block_size;
+        let context = m.max_model_len.unwrap_or(positions).min(positions).min(kv_tokens);
+        Ok(MemoryBytes {
+            weights: mem.weights_bytes,
+            kv: mem.kv_bytes_per_token * kv_tokens as u64,
+            activations: kiln_models::memory::activation_bytes(&mem, m.max_batch_tokens, m.max_running, context),
+        })
+    } else {
+        let context = positions.min(m.max_batch_tokens);
+        Ok(MemoryBytes {
+            weights: mem.weights_bytes,
+            kv: 0,
+            activations: kiln_models::memory::activation_bytes(&mem, m.max_batch_tokens, m.max_running, context),
+        })
+    }
+}
+
+fn model_entry(m: &ModelConfig, metrics: &Metrics, wiring: &Wiring) -> anyhow::Result<Arc<ModelEntry>> {
     let family = detect_family(&m.path).with_context(|| format!("model {:?} at {}", m.name, m.path.display()))?;
     match family {
-        Family::TextGeneration => text_model_entry(m, metrics, supervisor),
-        Family::Embedding => embedding_model_entry(m, metrics, supervisor),
+        Family::TextGeneration => text_model_entry(m, metrics, wiring),
+        Family::Embedding => embedding_model_entry(m, metrics, wiring),
         Family::Diffusion => anyhow::bail!(
             "model {:?} at {}: the {family:?} family is not yet supported by the server \
              (text generation and embeddings only for now)",
@@ -420,16 +836,11 @@ fn model_entry(m: &ModelConfig, metrics: &Metrics, supervisor: &SupervisorHandle
 
 /// A sentence-transformers folder: its tokenizer now, an `EmbeddingEngine` batcher on load.
 /// Reuses `device`, `dtype`, `max_batch_tokens`, `max_running` and `max_waiting`.
-fn embedding_model_entry(
-    m: &ModelConfig,
-    metrics: &Metrics,
-    supervisor: &SupervisorHandle,
-) -> anyhow::Result<Arc<ModelEntry>> {
+fn embedding_model_entry(m: &ModelConfig, metrics: &Metrics, wiring: &Wiring) -> anyhow::Result<Arc<ModelEntry>> {
     let dir: PathBuf = m.path.clone();
-    let model = Arc::new(
-        EmbeddingModel::from_dir(&dir)
-            .with_context(|| format!("model {:?} at {}: reading the embedding model", m.name, dir.display()))?,
-    );
+    let model = EmbeddingModel::from_dir(&dir)
+        .with_context(|| format!("model {:?} at {}: reading the embedding model", m.name, dir.display()))?;
+    let model = Arc::new(model);
     let opts = EmbeddingEngineOptions {
         device: m.device,
         dtype: m.dtype,
@@ -437,8 +848,7 @@ fn embedding_model_entry(
         max_running: m.max_running,
         pooling: None,
     };
-    let batcher_config =
-        BatcherConfig { max_waiting: m.max_waiting, supervisor: Some(supervisor.clone()), ..BatcherConfig::default() };
+    let batcher_config = wiring.batcher_config(m);
     let model_metrics = metrics.for_model(&m.name);
     let name = m.name.clone();
     let loader: BackendLoader = Arc::new(move || {
@@ -448,18 +858,15 @@ fn embedding_model_entry(
             Arc::new(move || EmbeddingEngine::load(&dir, &opts).map_err(|e| EngineError::Load(e.to_string())));
         let (name, config, metrics) = (name.clone(), batcher_config.clone(), model_metrics.clone());
         Box::pin(async move {
-            let handle = spawn_batcher(name, make_engine, config, metrics).await.map_err(|e| e.to_string())?;
-            Ok(Backend::Embedding(Arc::new(EmbeddingBackend { handle })))
+            let handle =
+                spawn_batcher(name, make_engine, config, metrics.clone()).await.map_err(|e| e.to_string())?;
+            Ok(Backend::Embedding(Arc::new(EmbeddingBackend { handle, metrics })))
         })
     });
     Ok(ModelEntry::with_kind(m.name.clone(), m.demo, m.preload, ModelKind::Embedding(model), loader))
 }
 
-fn text_model_entry(
-    m: &ModelConfig,
-    metrics: &Metrics,
-    supervisor: &SupervisorHandle,
-) -> anyhow::Result<Arc<ModelEntry>> {
+fn text_model_entry(m: &ModelConfig, metrics: &Metrics, wiring: &Wiring) -> anyhow::Result<Arc<ModelEntry>> {
     let dir: PathBuf = m.path.clone();
     let tokenizer =
         Arc::new(HfTokenizer::load(&dir).with_context(|| format!("model {:?}: loading the tokenizer", m.name))?);
@@ -472,9 +879,9 @@ fn text_model_entry(
         max_batch_tokens: m.max_batch_tokens,
         max_running: m.max_running,
         max_model_len: m.max_model_len,
+        host_cache: wiring.host_cache.clone(),
     };
-    let batcher_config =
-        BatcherConfig { max_waiting: m.max_waiting, supervisor: Some(supervisor.clone()), ..BatcherConfig::default() };
+    let batcher_config = wiring.batcher_config(m);
     let model_metrics = metrics.for_model(&m.name);
     let name = m.name.clone();
     let loader: Loader = Arc::new(move || {
@@ -528,12 +935,50 @@ pub async fn serve(state: AppState, addr: &str) -> anyhow::Result<()> {
         _ = shutdown_signal() => Ok(()),
         Some(e) = fail_rx.recv() => Err(anyhow::anyhow!(e)),
     };
+    let deadline = Instant::now() + state.drain_timeout;
+    if outcome.is_ok() {
+        // Drain: new requests get 503 (the API checks `draining`); running ones finish.
+        state.draining.store(true, Ordering::SeqCst);
+        tracing::info!(timeout_s = state.drain_timeout.as_secs_f32(), "draining: finishing running requests");
+        let drained = state.wait_idle(deadline).await;
+        if drained {
+            tracing::info!("drained");
+        } else {
+            tracing::warn!("drain timeout: stopping with requests still running");
+        }
+    }
     tracing::info!("shutting down");
     let _ = stop_tx.send(());
-    // Streams in flight get a moment to finish; then the batchers stop.
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    // Responses being written (and idle keep-alive / WebSocket connections) get what is left of
+    // the drain time, at least a moment; then the batchers stop.
+    let rest = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+    let _ = tokio::time::timeout(rest, server).await;
     state.shutdown();
     outcome
+}
+
+impl AppState {
+    /// Waits until no loaded model has a waiting or running sequence (checked twice, 100 ms
+    /// apart, so a request between validation and submission is not missed), or `deadline`.
+    pub async fn wait_idle(&self, deadline: Instant) -> bool {
+        let mut quiet = 0;
+        while Instant::now() < deadline {
+            let mut busy = false;
+            for m in self.models.iter() {
+                if let LoadState::Ready(b) = m.state() {
+                    if matches!(b.stats().await, Ok(s) if s.waiting + s.running > 0) {
+                        busy = true;
+                    }
+                }
+            }
+            quiet = if busy { 0 } else { quiet + 1 };
+            if quiet >= 2 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
 }
 
 async fn shutdown_signal() {

@@ -65,10 +65,13 @@ impl Detokenize for FakeTokenizer {
 }
 
 /// Emits lowercase letters, one per step: greedy requests all read `abc...`, seeded ones
-/// start from their seed, unseeded sampled ones differ per request.
+/// start from their seed, unseeded sampled ones differ per request. Like the request actor,
+/// it ends every unfinished choice with `timeout` when the generation's deadline passes.
 pub struct FakeBackend {
     pub spec: EngineSpec,
     pub step_delay: Duration,
+    /// Sequences that may run at once; more get `Overloaded` (None: no limit).
+    pub max_running: Option<usize>,
     running: Arc<AtomicUsize>,
     counter: AtomicU64,
 }
@@ -84,6 +87,7 @@ impl FakeBackend {
                 max_running: 16,
             },
             step_delay,
+            max_running: None,
             running: Arc::new(AtomicUsize::new(0)),
             counter: AtomicU64::new(1),
         }
@@ -106,7 +110,11 @@ impl TextBackend for FakeBackend {
     fn generate(&self, generation: Generation) -> BoxFuture<'static, Result<mpsc::Receiver<ClientEvent>, SubmitError>> {
         let (tx, rx) = mpsc::channel(64);
         let n = generation.choices.len();
-        self.running.fetch_add(n, Ordering::SeqCst);
+        let before = self.running.fetch_add(n, Ordering::SeqCst);
+        if self.max_running.is_some_and(|max| before + n > max) {
+            self.running.fetch_sub(n, Ordering::SeqCst);
+            return Box::pin(async { Err(SubmitError::Overloaded { retry_after_s: 1 }) });
+        }
         let guard = RunningGuard(self.running.clone(), n);
         let delay = self.step_delay;
         let salt = self.counter.fetch_add(1, Ordering::SeqCst);
@@ -116,6 +124,20 @@ impl TextBackend for FakeBackend {
             for step in 0..max {
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
+                }
+                if generation.deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                    for (index, c) in generation.choices.iter().enumerate().filter(|(_, c)| step < c.max_new_tokens) {
+                        let done = ClientEvent::Done {
+                            index,
+                            finish_reason: FinishReason::Timeout,
+                            prompt_tokens: c.prompt.len(),
+                            completion_tokens: step,
+                        };
+                        if tx.send(done).await.is_err() {
+                            return;
+                        }
+                    }
+                    return;
                 }
                 for (index, c) in generation.choices.iter().enumerate() {
                     if step >= c.max_new_tokens {
@@ -175,7 +197,12 @@ impl TextBackend for FakeBackend {
 
 /// An `AppState` serving one fake model named `fake`.
 pub fn fake_state(step_delay: Duration, limits: Limits) -> AppState {
-    let backend: Arc<dyn TextBackend> = Arc::new(FakeBackend::new(step_delay));
+    fake_state_with(FakeBackend::new(step_delay), limits)
+}
+
+/// An `AppState` serving `backend` as the model named `fake`.
+pub fn fake_state_with(backend: FakeBackend, limits: Limits) -> AppState {
+    let backend: Arc<dyn TextBackend> = Arc::new(backend);
     let loader: Loader = Arc::new(move || {
         let b = backend.clone();
         Box::pin(async move { Ok(b) })

@@ -51,6 +51,8 @@ pub struct ValidTextRequest {
     pub echo: bool,
     pub stream: bool,
     pub include_usage: bool,
+    /// The client's deadline, if it gave one (the server's cap applies in `finish`).
+    pub timeout: Option<Duration>,
 }
 
 /// A request ready for the batcher.
@@ -58,6 +60,17 @@ pub struct ValidTextRequest {
 pub struct ValidGeneration {
     pub request: ValidTextRequest,
     pub generation: Generation,
+    /// The deadline's length: the client's `timeout` capped by the server's.
+    pub timeout: Duration,
+}
+
+/// A per-request `timeout` in seconds: finite and > 0 (the server's cap applies later).
+pub fn request_timeout(param: &str, timeout: Option<f64>) -> Result<Option<Duration>, ApiError> {
+    match timeout {
+        None => Ok(None),
+        Some(t) if t.is_finite() && t > 0.0 => Ok(Some(Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX))),
+        Some(t) => Err(ApiError::param(param, format!("{param} must be a number of seconds > 0, got {t}"))),
+    }
 }
 
 fn range_f(param: &str, v: Option<f64>, ok: impl Fn(f64) -> bool, rule: &str) -> Result<Option<f32>, ApiError> {
@@ -130,6 +143,7 @@ pub fn validate(
         return Err(ApiError::param("echo", "echo is only supported by /v1/completions"));
     }
     let include_usage = body.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let timeout = request_timeout("timeout", body.timeout)?;
     if body.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::Unsupported("tools (function calling) are not supported yet".into()));
     }
@@ -170,6 +184,7 @@ pub fn validate(
         echo,
         stream: body.stream.unwrap_or(false),
         include_usage,
+        timeout,
     })
 }
 
@@ -342,8 +357,9 @@ pub fn render_chat(
 
 impl ValidTextRequest {
     /// Checks the prompt and `max_tokens` against the model's context (and KV pool) and builds
-    /// the batcher's `Generation`. `timeout` becomes its deadline.
-    pub fn finish(self, spec: &EngineSpec, timeout: Duration) -> Result<ValidGeneration, ApiError> {
+    /// the batcher's `Generation`. The request's `timeout`, capped by the server's
+    /// `max_timeout`, becomes its deadline.
+    pub fn finish(self, spec: &EngineSpec, max_timeout: Duration) -> Result<ValidGeneration, ApiError> {
         let kv_tokens = spec.num_blocks.saturating_mul(spec.block_size);
         let context = spec.max_model_len.min(kv_tokens);
         let what = if context < spec.max_model_len {
@@ -389,8 +405,10 @@ impl ValidTextRequest {
                 }
             })
             .collect();
-        let generation = Generation { choices, stop: self.stop.clone(), deadline: Some(Instant::now() + timeout) };
-        Ok(ValidGeneration { request: self, generation })
+        let timeout = self.timeout.map_or(max_timeout, |t| t.min(max_timeout));
+        let deadline = Instant::now().checked_add(timeout);
+        let generation = Generation { choices, stop: self.stop.clone(), deadline };
+        Ok(ValidGeneration { request: self, generation, timeout })
     }
 }
 
@@ -520,6 +538,23 @@ mod tests {
         assert_eq!(g.generation.choices.len(), 2);
         assert_eq!(g.generation.choices[0].max_new_tokens, 96);
         assert_eq!(g.generation.choices[1].params.seed, Some(8));
+    }
+
+    #[test]
+    fn timeout_is_checked_and_capped_by_the_server() {
+        for bad in [0.0, -1.0] {
+            assert_eq!(param_err(completion(serde_json::json!({"prompt": "a", "timeout": bad}))), "timeout");
+        }
+        let r = completion(serde_json::json!({"prompt": "a", "timeout": 0.25})).unwrap();
+        assert_eq!(r.timeout, Some(Duration::from_millis(250)));
+        let g = r.finish(&spec(100), Duration::from_secs(10)).unwrap();
+        assert_eq!(g.timeout, Duration::from_millis(250));
+        let r = completion(serde_json::json!({"prompt": "a", "timeout": 1e9})).unwrap();
+        assert_eq!(r.finish(&spec(100), Duration::from_secs(10)).unwrap().timeout, Duration::from_secs(10));
+        let r = completion(serde_json::json!({"prompt": "a"})).unwrap();
+        let g = r.finish(&spec(100), Duration::from_secs(7)).unwrap();
+        assert_eq!(g.timeout, Duration::from_secs(7));
+        assert!(g.generation.deadline.is_some());
     }
 
     #[test]

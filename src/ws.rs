@@ -144,6 +144,10 @@ fn handle_message(
                     &format!("a {kind} message needs a non-empty string `id`"),
                 ));
             };
+            if crate::api::is_draining(state) {
+                let e = ApiError::Draining { retry_after_s: crate::api::DRAINING_RETRY_AFTER_S };
+                return Some(api_error_event(&id, &e));
+            }
             if active.contains_key(&id) {
                 return Some(error_event(
                     Some(&id),
@@ -329,7 +333,7 @@ fn api_error_event(id: &str, e: &ApiError) -> Value {
     if let Some(p) = e.param_name() {
         v["param"] = json!(p);
     }
-    if let ApiError::Overloaded { retry_after_s } = e {
+    if let Some(retry_after_s) = e.retry_after_s() {
         v["retry_after_s"] = json!(retry_after_s);
     }
     v
@@ -344,21 +348,24 @@ mod tests {
 
     use super::*;
     use crate::server::Limits;
-    use crate::testing::fake_state;
+    use crate::testing::{fake_state, fake_state_with, FakeBackend};
 
     struct Client {
         to_server: fmpsc::UnboundedSender<Result<Message, Infallible>>,
         from_server: fmpsc::UnboundedReceiver<Message>,
         session: JoinHandle<()>,
+        state: AppState,
     }
 
     impl Client {
         fn start(delay_ms: u64, limits: Limits) -> Client {
-            let state = fake_state(Duration::from_millis(delay_ms), limits);
+            Client::with_state(fake_state(Duration::from_millis(delay_ms), limits))
+        }
+        fn with_state(state: AppState) -> Client {
             let (to_server, server_in) = fmpsc::unbounded();
             let (server_out, from_server) = fmpsc::unbounded();
-            let session = tokio::spawn(run_session(state, server_out, server_in));
-            Client { to_server, from_server, session }
+            let session = tokio::spawn(run_session(state.clone(), server_out, server_in));
+            Client { to_server, from_server, session, state }
         }
         fn send(&self, v: Value) {
             self.to_server.unbounded_send(Ok(Message::Text(v.to_string().into()))).unwrap();
@@ -496,6 +503,60 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("generations still running after the socket closed");
+    }
+
+    #[tokio::test]
+    async fn while_draining_running_generations_finish_and_new_ones_are_refused() {
+        let mut c = Client::start(5, Limits::default());
+        c.send(json!({"type": "generate", "id": "run", "prompt": "hi", "max_tokens": 20, "temperature": 0}));
+        let first = c.next().await;
+        assert_eq!(first["type"], "token");
+        c.state.draining.store(true, std::sync::atomic::Ordering::Release);
+        c.send(json!({"type": "generate", "id": "new", "prompt": "hi", "max_tokens": 2}));
+        let mut events = vec![first];
+        c.until_done(&mut events, "run", 1).await;
+        if !events.iter().any(|e| e["id"] == "new") {
+            c.until_done(&mut events, "new", 1).await;
+        }
+        let refused = events.iter().find(|e| e["id"] == "new").unwrap();
+        assert_eq!((refused["type"].as_str(), refused["code"].as_str()), (Some("error"), Some("draining")));
+        assert_eq!(refused["retry_after_s"], 1);
+        assert_eq!(text_of(&events, "run"), "abcdefghijklmnopqrst", "the running generation was cut short");
+        let done = events.iter().find(|e| e["type"] == "done" && e["id"] == "run").unwrap();
+        assert_eq!(done["finish_reason"], "length");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_is_an_overloaded_error_event() {
+        let mut backend = FakeBackend::new(Duration::from_millis(20));
+        backend.max_running = Some(1);
+        let mut c = Client::with_state(fake_state_with(backend, Limits::default()));
+        c.send(json!({"type": "generate", "id": "a", "prompt": "hi", "max_tokens": 50}));
+        assert_eq!(c.next().await["type"], "token");
+        c.send(json!({"type": "generate", "id": "b", "prompt": "hi", "max_tokens": 50}));
+        loop {
+            let e = c.next().await;
+            if e["id"] == "b" {
+                assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("overloaded")), "{e}");
+                assert_eq!(e["retry_after_s"], 1);
+                break;
+            }
+        }
+        c.send(json!({"type": "cancel", "id": "a"}));
+    }
+
+    #[tokio::test]
+    async fn a_deadline_ends_the_choices_with_timeout() {
+        let mut c = Client::start(20, Limits::default());
+        c.send(json!({"type": "generate", "id": "t", "prompt": "hi", "max_tokens": 400, "n": 2, "timeout": 0.1}));
+        let mut events = Vec::new();
+        c.until_done(&mut events, "t", 2).await;
+        let done: Vec<&Value> = events.iter().filter(|e| e["type"] == "done").collect();
+        assert_eq!(done.len(), 2);
+        assert!(done.iter().all(|d| d["finish_reason"] == "timeout"), "{done:?}");
+        c.send(json!({"type": "generate", "id": "bad", "prompt": "hi", "timeout": 0}));
+        let e = c.next().await;
+        assert_eq!((e["code"].as_str(), e["param"].as_str()), (Some("invalid_parameter"), Some("timeout")));
     }
 
     #[tokio::test]

@@ -225,3 +225,88 @@ async fn websocket_over_a_real_socket() {
 }
 
 use futures::SinkExt;
+
+#[tokio::test]
+async fn while_draining_inference_routes_answer_503_and_operational_ones_stay_up() {
+    use std::sync::atomic::Ordering;
+    let s = server(20).await;
+    // A stream that started before the drain runs to its end.
+    let r = s
+        .client
+        .post(s.url("/v1/completions"))
+        .json(&json!({"prompt": "x", "max_tokens": 10, "temperature": 0, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    s.state.draining.store(true, Ordering::Release);
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    for (route, body) in [
+        ("/v1/chat/completions", chat.clone()),
+        ("/v1/completions", json!({"prompt": "hi", "max_tokens": 2})),
+        ("/v1/generate", json!({"text": "hi"})),
+        ("/v1/embeddings", json!({"input": "hi"})),
+        ("/tokenize", json!({"prompt": "hi"})),
+        // Even a bad body: the refusal comes first.
+        ("/v1/chat/completions", json!({"messages": 5})),
+    ] {
+        let r = s.client.post(s.url(route)).json(&body).send().await.unwrap();
+        assert_eq!(r.headers().get("retry-after").map(|h| h.to_str().unwrap()), Some("1"), "{route}");
+        let st = r.status().as_u16();
+        let e = common::assert_error(st, &r.json().await.unwrap(), 503, "draining");
+        assert_eq!(e["type"], "service_unavailable");
+    }
+    let ws = tokio_tungstenite::connect_async(s.ws_url()).await;
+    match ws {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status().as_u16(), 503),
+        other => panic!("the websocket upgrade was not refused: {:?}", other.map(|(_, r)| r.status())),
+    }
+    s.assert_healthy().await;
+    let (st, body) = s.get("/ready").await;
+    assert_eq!(st, 503, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["status"], "draining");
+    assert_eq!(s.get("/v1/models").await.0, 200);
+    assert_eq!(s.get("/metrics").await.0, 200);
+    // The stream admitted before the drain finished normally.
+    let text = r.text().await.unwrap();
+    assert!(text.contains("\"finish_reason\":\"length\"") && text.trim_end().ends_with("data: [DONE]"), "{text}");
+
+    s.state.draining.store(false, Ordering::Release);
+    let (st, v) = s.post("/v1/chat/completions", chat).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(s.get("/ready").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_request_past_its_timeout_gets_408_or_a_timeout_finish() {
+    let s = server(20).await;
+    for (route, body) in [
+        ("/v1/completions", json!({"prompt": "x", "max_tokens": 300, "timeout": 0.1})),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 300, "timeout": 0.1}),
+        ),
+        ("/v1/generate", json!({"text": "x", "timeout": 0.1, "sampling_params": {"max_tokens": 300}})),
+        ("/v1/generate", json!({"text": "x", "sampling_params": {"max_tokens": 300, "timeout": 0.1}})),
+    ] {
+        let started = std::time::Instant::now();
+        let (st, v) = s.post(route, body.clone()).await;
+        let e = common::assert_error(st, &v, 408, "timeout");
+        assert_eq!(e["type"], "timeout_error", "{route}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{route} {body}: took {:?}", started.elapsed());
+    }
+    // Streamed: the stream ends with finish_reason "timeout", then [DONE].
+    let data =
+        s.sse("/v1/completions", json!({"prompt": "x", "max_tokens": 300, "timeout": 0.1, "stream": true})).await;
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let last: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "timeout");
+    // A timeout longer than the work changes nothing.
+    let (st, v) = s.post("/v1/completions", json!({"prompt": "x", "max_tokens": 2, "timeout": 30})).await;
+    assert_eq!(st, 200, "{v}");
+    for bad in [json!(0), json!(-1.5), json!("soon")] {
+        let (st, v) = s.post("/v1/completions", json!({"prompt": "x", "timeout": bad})).await;
+        assert!(st == 400 || st == 422, "{bad}: {st} {v}");
+        assert_eq!(v["error"]["param"], "timeout", "{bad}: {v}");
+    }
+}

@@ -172,7 +172,7 @@ fn synthetic_3b() -> (PathBuf, Value) {
 }
 
 fn model_3b(dir: &Path) -> ModelConfig {
-    // As config/qwen2.5-3b-instruct.toml.
+    // Like config/qwen2.5-3b-instruct.toml, with a larger prefill budget.
     let mut m = ModelConfig::from_dir(dir);
     m.name = "qwen2.5-3b".into();
     m.dtype = DType::BF16;

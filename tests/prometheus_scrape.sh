@@ -142,7 +142,7 @@ query_positive() {
 }
 
 DEADLINE=$(($(date +%s) + TIMEOUT_S))
-for q in 'kiln_generation_tokens_total{model="kiln-demo"}' \
+for q in 'kiln_generated_tokens_total{model="kiln-demo"}' \
     'kiln_time_to_first_token_seconds_count{model="kiln-demo"}' \
     'kiln_requests_total{model="kiln-demo"}'; do
     until query_positive "$q"; do

@@ -332,3 +332,65 @@ async fn a_full_queue_answers_429_with_retry_after() {
     assert!(overloaded > 0, "no request was refused with max_running = 1, max_waiting = 1");
     s.assert_healthy().await;
 }
+
+#[tokio::test]
+async fn metrics_move_by_the_workload() {
+    let s = server_with("max_running = 4").await;
+    let scrape = || async { s.get("/metrics").await.1 };
+    let m = |text: &str, name: &str, extra: &[(&str, &str)]| {
+        let mut labels = extra.to_vec();
+        labels.push(("model", MODEL));
+        common::metric_value(text, name, &labels)
+    };
+    let before = scrape().await;
+    // 3 requests of exactly 5 tokens, one cancelled stream, one invalid request (no effect).
+    let mut prompt_tokens = 0.0;
+    for i in 0..3 {
+        let (st, v) = s
+            .post("/v1/completions", json!({"prompt": format!("Count {i}"), "max_tokens": 5, "ignore_eos": true}))
+            .await;
+        assert_eq!(st, 200, "{v}");
+        prompt_tokens += v["usage"]["prompt_tokens"].as_f64().unwrap();
+    }
+    let r = s
+        .client
+        .post(s.url("/v1/completions"))
+        .json(&json!({"prompt": "Leave", "max_tokens": 480, "ignore_eos": true, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let mut body = r.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    drop(body);
+    let (st, _) = s.post("/v1/completions", json!({"prompt": "x", "temperature": 7})).await;
+    assert_eq!(st, 400);
+    let mut after = scrape().await;
+    for _ in 0..250 {
+        if m(&after, "kiln_requests_total", &[("status", "cancelled")])
+            > m(&before, "kiln_requests_total", &[("status", "cancelled")])
+            && m(&after, "kiln_running_sequences", &[]) == 0.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        after = scrape().await;
+    }
+    let delta = |name: &str, extra: &[(&str, &str)]| m(&after, name, extra) - m(&before, name, extra);
+    assert_eq!(delta("kiln_requests_total", &[("status", "length")]), 3.0, "{after}");
+    assert_eq!(delta("kiln_requests_total", &[("status", "cancelled")]), 1.0, "{after}");
+    assert_eq!(delta("kiln_requests_total", &[("status", "rejected")]), 0.0, "a 400 is not a rejection");
+    assert_eq!(delta("kiln_request_duration_seconds_count", &[]), 4.0);
+    assert_eq!(delta("kiln_time_to_first_token_seconds_count", &[]), 4.0);
+    assert!(delta("kiln_inter_token_latency_seconds_count", &[]) >= 3.0 * 4.0);
+    let generated = delta("kiln_generated_tokens_total", &[]);
+    assert!((16.0..480.0).contains(&generated), "{generated} tokens: 3 x 5 + the cancelled stream's");
+    let leave = s.post("/tokenize", json!({"prompt": "Leave"})).await.1["count"].as_f64().unwrap();
+    assert_eq!(delta("kiln_prompt_tokens_total", &[]), prompt_tokens + leave);
+    assert!(delta("kiln_engine_steps_total", &[]) >= 5.0);
+    assert!(delta("kiln_batch_size_count", &[]) >= 5.0);
+    assert!(delta("kiln_step_duration_seconds_count", &[]) >= 5.0);
+    for gauge in ["kiln_running_sequences", "kiln_queue_depth", "kiln_kv_blocks_used", "kiln_kv_cache_usage_ratio"] {
+        assert_eq!(m(&after, gauge, &[]), 0.0, "{gauge}: {after}");
+    }
+    assert!(m(&after, "kiln_kv_blocks_total", &[]) > 0.0);
+}

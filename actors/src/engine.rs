@@ -123,4 +123,18 @@ pub trait Engine: Send + 'static {
     /// Runs one step. Must first admit `plan.new` and drop `plan.released`.
     /// Returns one output per scheduled sequence with `sample == true`.
     fn step(&mut self, plan: StepPlan<Self::Request>) -> Result<Vec<SeqOutput<Self::Output>>, EngineError>;
+
+    /// Runs the largest step the engine's config allows once, before serving: it profiles the
+    /// activation workspace (see `memory`) and warms the allocator, so a config that cannot
+    /// run fails at start-up rather than on a busy server. Leaves no sequence behind.
+    fn warmup(&mut self) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    /// Device memory the engine holds, measured where the backend allows (weights after
+    /// load, the KV pool as allocated, the activation peak seen by `warmup`). Zero fields are
+    /// unknown: the ledger keeps its estimate for them.
+    fn memory(&self) -> crate::ledger::MemoryBytes {
+        Default::default()
+    }
 }

@@ -7,6 +7,7 @@ pub mod detok;
 pub mod embed;
 pub mod engine;
 pub mod kv;
+pub mod ledger;
 pub mod metrics;
 pub mod request;
 pub mod sampling;
@@ -14,10 +15,14 @@ pub mod scheduler;
 pub mod supervisor;
 pub mod text;
 
-pub use batcher::{spawn_batcher, BatcherConfig, BatcherHandle, BatcherStats, SeqEvent, SubmitError};
+pub use batcher::{
+    spawn_batcher, BatcherConfig, BatcherHandle, BatcherStats, FailureHook, FaultSwitch, MemoryPlan, SeqEvent,
+    SubmitError,
+};
 pub use detok::Detokenize;
 pub use embed::{embed_inputs, EmbedError, EmbedOutput, EmbedRequest};
 pub use engine::{Engine, EngineError, EngineSpec, FinishReason, ScheduledSeq, SeqId, SeqOutput, SeqRequest, StepPlan};
+pub use ledger::{DeviceLedger, MemoryBytes, MemoryKind, OutOfMemory, Reservation};
 pub use metrics::{Metrics, ModelMetrics};
 pub use request::{start_generation, ClientEvent, Generation, TopLogprob};
 pub use sampling::Sampler;

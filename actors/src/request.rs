@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::batcher::{BatcherHandle, SeqEvent, SubmitError};
 use crate::detok::{Detokenize, IncrementalDecoder, StopMatcher};
 use crate::engine::{Engine, FinishReason, SeqId, SeqOutput};
-use crate::metrics::ModelMetrics;
+use crate::metrics::{reject_reason, ModelMetrics};
 use crate::text::{TextRequest, TokenOutput};
 
 /// One client request: `n` choices (one sequence each) sharing stop strings and a deadline.
@@ -75,6 +75,7 @@ where
                 for c in &choices {
                     batcher.cancel(c.id);
                 }
+                metrics.reject(submit_reject_reason(&e));
                 return Err(e);
             }
         }
@@ -93,10 +94,21 @@ where
         seq_rx,
         started,
     };
-    Actor::spawn(None, RequestActor::<E>(std::marker::PhantomData), args)
-        .await
-        .map_err(|e| SubmitError::Unavailable(format!("cannot start the request actor: {e}")))?;
+    if let Err(e) = Actor::spawn(None, RequestActor::<E>(std::marker::PhantomData), args).await {
+        // The arguments (and the sequence receiver) are gone with the failed actor: the batcher
+        // drops the sequences at its next step.
+        return Err(SubmitError::Unavailable(format!("cannot start the request actor: {e}")));
+    }
     Ok(client_rx)
+}
+
+/// The `kiln_rejected_total` reason of a refused submission.
+pub fn submit_reject_reason(e: &SubmitError) -> &'static str {
+    match e {
+        SubmitError::Overloaded { .. } => reject_reason::OVERLOADED,
+        SubmitError::TooLarge { .. } => reject_reason::TOO_LARGE,
+        SubmitError::Unavailable(_) => reject_reason::UNAVAILABLE,
+    }
 }
 
 struct Choice {
@@ -119,6 +131,8 @@ pub enum RequestMsg {
     Seq(SeqEvent<TokenOutput>),
     ClientGone,
     Deadline,
+    /// Every sequence sender is gone: the batcher stopped without ending some choices.
+    BatcherGone,
 }
 
 pub struct RequestActor<E>(std::marker::PhantomData<fn() -> E>);
@@ -145,6 +159,8 @@ pub struct RequestState<E: Engine> {
     client_tx: mpsc::Sender<ClientEvent>,
     started: Instant,
     first_token: bool,
+    /// The request's outcome so far (`kiln_requests_total{status}`), the most severe choice's.
+    outcome: Option<Outcome>,
     /// Dropped with the state, which ends the forwarding task.
     _stopped: oneshot::Sender<()>,
 }
@@ -179,7 +195,7 @@ where
                 let msg = tokio::select! {
                     ev = seq_rx.recv_async() => match ev {
                         Ok(ev) => RequestMsg::Seq(ev),
-                        Err(_) => break,
+                        Err(_) => RequestMsg::BatcherGone,
                     },
                     _ = client.closed() => RequestMsg::ClientGone,
                     _ = &mut sleep => RequestMsg::Deadline,
@@ -202,6 +218,7 @@ where
             client_tx: args.client_tx,
             started: args.started,
             first_token: true,
+            outcome: None,
             _stopped: stopped_tx,
         })
     }
@@ -221,12 +238,12 @@ where
             }
             RequestMsg::Seq(SeqEvent::Failed(id, message)) => {
                 if let Some(&i) = st.by_id.get(&id) {
-                    let c = &mut st.choices[i];
-                    if !c.done {
-                        c.done = true;
-                        let _ = st.client_tx.try_send(ClientEvent::Error { index: c.index, message });
-                        st.metrics.request_finished("error");
-                    }
+                    st.fail(i, message);
+                }
+            }
+            RequestMsg::BatcherGone => {
+                for i in 0..st.choices.len() {
+                    st.fail(i, "the model's batcher stopped before this choice finished".to_string());
                 }
             }
             RequestMsg::ClientGone => {
@@ -234,11 +251,15 @@ where
                     if !st.choices[i].done {
                         st.batcher.cancel(st.choices[i].id);
                         st.choices[i].done = true;
+                        st.record(Outcome::Finished(FinishReason::Cancelled));
                     }
                 }
-                st.metrics.request_finished(FinishReason::Cancelled.as_str());
             }
             RequestMsg::Deadline => {
+                if st.first_token {
+                    // Still queued: the request was never served.
+                    st.metrics.rejected(reject_reason::TIMEOUT).inc();
+                }
                 for i in 0..st.choices.len() {
                     if !st.choices[i].done {
                         st.batcher.cancel(st.choices[i].id);
@@ -248,6 +269,10 @@ where
             }
         }
         if st.choices.iter().all(|c| c.done) {
+            if let Some(outcome) = st.outcome.take() {
+                st.metrics.e2e.observe(st.started.elapsed().as_secs_f64());
+                st.metrics.request_finished(outcome.as_str());
+            }
             myself.stop(None);
         }
         Ok(())
@@ -318,9 +343,47 @@ impl<E: Engine> RequestState<E> {
             prompt_tokens: self.prompt_tokens,
             completion_tokens: c.tokens,
         });
-        if self.choices.iter().all(|c| c.done) {
-            self.metrics.e2e.observe(self.started.elapsed().as_secs_f64());
-            self.metrics.request_finished(reason.as_str());
+        self.record(Outcome::Finished(reason));
+    }
+
+    fn fail(&mut self, i: usize, message: String) {
+        let c = &mut self.choices[i];
+        if c.done {
+            return;
+        }
+        c.done = true;
+        let _ = self.client_tx.try_send(ClientEvent::Error { index: c.index, message });
+        self.record(Outcome::Failed);
+    }
+
+    fn record(&mut self, outcome: Outcome) {
+        if self.outcome.is_none_or(|o| outcome.severity() > o.severity()) {
+            self.outcome = Some(outcome);
+        }
+    }
+}
+
+/// How one choice ended; a request's outcome is its most severe choice's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Finished(FinishReason),
+    Failed,
+}
+
+impl Outcome {
+    fn severity(self) -> u8 {
+        match self {
+            Outcome::Finished(FinishReason::Stop | FinishReason::Length) => 0,
+            Outcome::Finished(FinishReason::Cancelled) => 1,
+            Outcome::Finished(FinishReason::Timeout) => 2,
+            Outcome::Finished(FinishReason::Error) | Outcome::Failed => 3,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Finished(r) => r.as_str(),
+            Outcome::Failed => "error",
         }
     }
 }

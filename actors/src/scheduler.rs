@@ -80,6 +80,10 @@ impl<R: SeqRequest> Scheduler<R> {
     pub fn num_waiting(&self) -> usize {
         self.waiting.len()
     }
+    /// Prompt tokens of the waiting sequences (what admission still has to prefill).
+    pub fn waiting_tokens(&self) -> usize {
+        self.waiting.iter().filter_map(|id| self.seqs.get(id)).map(|s| s.total - s.computed).sum()
+    }
     pub fn num_running(&self) -> usize {
         self.running.len()
     }

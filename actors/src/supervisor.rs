@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
+use crate::batcher::FailureHook;
+
 /// The state of one supervised batcher.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatcherHealth {
@@ -16,16 +18,23 @@ pub enum BatcherHealth {
 
 pub enum SupervisorMsg {
     /// A batcher was spawned linked to the supervisor.
-    Register { model: String, cell: ActorCell },
+    Register { model: String, cell: ActorCell, on_failure: Option<FailureHook> },
     /// Health of every batcher, by model.
     Health(RpcReplyPort<BTreeMap<String, BatcherHealth>>),
 }
 
 pub struct Supervisor;
 
+struct Supervised {
+    cell: Option<ActorCell>,
+    health: BatcherHealth,
+    on_failure: Option<FailureHook>,
+    failures: u64,
+}
+
 #[derive(Default)]
 pub struct SupervisorState {
-    models: BTreeMap<String, (Option<ActorCell>, BatcherHealth)>,
+    models: BTreeMap<String, Supervised>,
 }
 
 impl Actor for Supervisor {
@@ -44,11 +53,15 @@ impl Actor for Supervisor {
         st: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            SupervisorMsg::Register { model, cell } => {
-                st.models.insert(model, (Some(cell), BatcherHealth::Running));
+            SupervisorMsg::Register { model, cell, on_failure } => {
+                let failures = st.models.get(&model).map_or(0, |s| s.failures);
+                st.models.insert(
+                    model,
+                    Supervised { cell: Some(cell), health: BatcherHealth::Running, on_failure, failures },
+                );
             }
             SupervisorMsg::Health(reply) => {
-                let _ = reply.send(st.models.iter().map(|(m, (_, h))| (m.clone(), h.clone())).collect());
+                let _ = reply.send(st.models.iter().map(|(m, s)| (m.clone(), s.health.clone())).collect());
             }
         }
         Ok(())
@@ -69,9 +82,19 @@ impl Actor for Supervisor {
             _ => return Ok(()),
         };
         for (model, entry) in st.models.iter_mut() {
-            if entry.0.as_ref().is_some_and(|c| c.get_id() == cell.get_id()) {
-                tracing::warn!(model = %model, health = ?health, "batcher down");
-                *entry = (None, health.clone());
+            if entry.cell.as_ref().is_some_and(|c| c.get_id() == cell.get_id()) {
+                entry.cell = None;
+                entry.health = health.clone();
+                if let BatcherHealth::Failed(err) = &health {
+                    entry.failures += 1;
+                    tracing::warn!(model = %model, failures = entry.failures, error = %err, "batcher down; restarting it");
+                    // The owner reloads the model (a new batcher registers itself again).
+                    if let Some(hook) = &entry.on_failure {
+                        hook(err.clone());
+                    }
+                } else {
+                    tracing::info!(model = %model, "batcher stopped");
+                }
             }
         }
         Ok(())
@@ -94,8 +117,8 @@ impl SupervisorHandle {
         self.actor.get_cell()
     }
 
-    pub(crate) fn register(&self, model: &str, cell: ActorCell) {
-        let _ = self.actor.cast(SupervisorMsg::Register { model: model.to_string(), cell });
+    pub(crate) fn register(&self, model: &str, cell: ActorCell, on_failure: Option<FailureHook>) {
+        let _ = self.actor.cast(SupervisorMsg::Register { model: model.to_string(), cell, on_failure });
     }
 
     /// Health of every batcher, by model.

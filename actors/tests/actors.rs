@@ -91,7 +91,7 @@ async fn batcher(num_blocks: usize, max_waiting: usize, delay_ms: u64) -> Batche
         Arc::new(move || {
             Ok(CountingEngine { spec: spec.clone(), seqs: HashMap::new(), step_delay: Duration::from_millis(delay_ms) })
         }),
-        BatcherConfig { max_waiting, retry_after_s: 2, supervisor: None },
+        BatcherConfig { max_waiting, retry_after_s: 2, ..BatcherConfig::default() },
         ModelMetrics::unregistered("fake"),
     )
     .await
@@ -325,4 +325,167 @@ async fn supervisor_tracks_its_batchers() {
         assert!(t0.elapsed() < Duration::from_secs(3), "supervisor never saw the batcher stop");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+fn fake_engine(
+    spec: EngineSpec,
+    made: Arc<std::sync::atomic::AtomicUsize>,
+) -> Arc<dyn Fn() -> Result<CountingEngine, EngineError> + Send + Sync> {
+    Arc::new(move || {
+        made.fetch_add(1, Ordering::SeqCst);
+        Ok(CountingEngine { spec: spec.clone(), seqs: HashMap::new(), step_delay: Duration::from_millis(5) })
+    })
+}
+
+fn small_spec() -> EngineSpec {
+    EngineSpec { block_size: 4, num_blocks: 1, max_model_len: 64, max_batch_tokens: 16, max_running: 4 }
+}
+
+#[tokio::test]
+async fn waiting_tokens_past_the_limit_are_refused() {
+    // One block: one sequence runs, the rest queue. The queue holds at most 10 prompt tokens.
+    let made = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let b = spawn_batcher(
+        "tokens".into(),
+        fake_engine(small_spec(), made),
+        BatcherConfig { max_waiting_tokens: 10, ..BatcherConfig::default() },
+        ModelMetrics::unregistered("tokens"),
+    )
+    .await
+    .unwrap();
+    let (tx, _rx) = flume::unbounded();
+    let mut results = Vec::new();
+    for _ in 0..4 {
+        results.push(b.submit(request(vec![1; 3], 30), tx.clone()).await);
+    }
+    // The first runs; 3 + 3 + 3 = 9 prompt tokens wait; one more would make 12.
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    let stats = b.stats().await.unwrap();
+    assert_eq!((stats.running, stats.waiting, stats.waiting_tokens), (1, 3, 9), "{stats:?}");
+    let r = b.submit(request(vec![1; 3], 30), tx.clone()).await;
+    assert!(matches!(r, Err(SubmitError::Overloaded { .. })), "{r:?}");
+}
+
+#[tokio::test]
+async fn the_engine_holds_its_reservation_until_its_thread_ends() {
+    let ledger = DeviceLedger::new("test-device", 1000);
+    let estimate = MemoryBytes { weights: 300, kv: 200, activations: 100 };
+    let config =
+        BatcherConfig { memory: Some(MemoryPlan { ledger: ledger.clone(), estimate }), ..BatcherConfig::default() };
+    let made = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let b = spawn_batcher(
+        "m".into(),
+        fake_engine(small_spec(), made.clone()),
+        config.clone(),
+        ModelMetrics::unregistered("m"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ledger.held_by("m"), estimate, "a fake engine measures nothing: the estimate stays");
+    assert_eq!(b.memory(), estimate);
+    // A second engine of the same size does not fit beside it.
+    let e = spawn_batcher(
+        "n".into(),
+        fake_engine(small_spec(), made.clone()),
+        config.clone(),
+        ModelMetrics::unregistered("n"),
+    )
+    .await
+    .err()
+    .expect("600 + 600 > 1000");
+    assert!(e.to_string().contains("not enough memory"), "{e}");
+    assert_eq!(made.load(Ordering::SeqCst), 1, "the refused engine was never built");
+    b.stop();
+    tokio::time::timeout(Duration::from_secs(5), b.engine_exited()).await.expect("engine thread ended");
+    assert_eq!(ledger.used(), 0);
+    assert_eq!(ledger.peak(), 600);
+    spawn_batcher("n".into(), fake_engine(small_spec(), made), config, ModelMetrics::unregistered("n"))
+        .await
+        .expect("fits once the first is gone");
+}
+
+#[tokio::test]
+async fn a_panicking_engine_is_rebuilt() {
+    let faults = Arc::new(FaultSwitch::default());
+    let made = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let spec = EngineSpec { block_size: 4, num_blocks: 64, max_model_len: 64, max_batch_tokens: 16, max_running: 4 };
+    let b = spawn_batcher(
+        "rebuilt".into(),
+        fake_engine(spec, made.clone()),
+        BatcherConfig { faults: Some(faults.clone()), ..BatcherConfig::default() },
+        ModelMetrics::unregistered("rebuilt"),
+    )
+    .await
+    .unwrap();
+    faults.engine_panics.store(1, Ordering::SeqCst);
+    let m = ModelMetrics::unregistered("f");
+    let (_, events) = collect(
+        start_generation(b.clone(), Arc::new(Letters), generation(request(vec![0], 3)), m.clone()).await.unwrap(),
+    )
+    .await;
+    assert!(
+        matches!(&events[0], ClientEvent::Error { message, .. } if message.contains("injected engine fault")),
+        "{events:?}"
+    );
+    let (text, _) =
+        collect(start_generation(b.clone(), Arc::new(Letters), generation(request(vec![0], 2)), m).await.unwrap())
+            .await;
+    assert_eq!(text, "bc");
+    assert_eq!(made.load(Ordering::SeqCst), 2, "built at start and once after the panic");
+    let stats = wait_idle_any(&b).await;
+    assert_eq!((stats.engine_restarts, stats.used_blocks), (1, 0));
+}
+
+async fn wait_idle_any(b: &BatcherHandle<CountingEngine>) -> BatcherStats {
+    let t0 = Instant::now();
+    loop {
+        let s = b.stats().await.unwrap();
+        if s.running == 0 && s.waiting == 0 {
+            return s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "never idle: {s:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_failed_batcher_is_reported_to_its_supervisor_hook() {
+    let sup = SupervisorHandle::start().await.unwrap();
+    let faults = Arc::new(FaultSwitch::default());
+    let (hook_tx, hook_rx) = flume::unbounded::<String>();
+    let hook: FailureHook = Arc::new(move |e| {
+        let _ = hook_tx.send(e);
+    });
+    let spec = EngineSpec { block_size: 4, num_blocks: 64, max_model_len: 64, max_batch_tokens: 16, max_running: 4 };
+    let made = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let b = spawn_batcher(
+        "doomed".into(),
+        fake_engine(spec, made),
+        BatcherConfig {
+            supervisor: Some(sup.clone()),
+            on_failure: Some(hook),
+            faults: Some(faults.clone()),
+            ..BatcherConfig::default()
+        },
+        ModelMetrics::unregistered("doomed"),
+    )
+    .await
+    .unwrap();
+    faults.batcher_panics.store(1, Ordering::SeqCst);
+    let (_, events) = collect(
+        start_generation(
+            b.clone(),
+            Arc::new(Letters),
+            generation(request(vec![0], 5)),
+            ModelMetrics::unregistered("f"),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert!(matches!(events.last().unwrap(), ClientEvent::Error { .. }), "{events:?}");
+    let err = tokio::time::timeout(Duration::from_secs(5), hook_rx.recv_async()).await.unwrap().unwrap();
+    assert!(err.contains("injected batcher fault"), "{err}");
+    assert!(matches!(sup.health().await.get("doomed"), Some(BatcherHealth::Failed(_))));
+    tokio::time::timeout(Duration::from_secs(5), b.engine_exited()).await.expect("its engine thread ends");
 }

@@ -40,6 +40,26 @@ pub fn cuda_device_count() -> usize {
     }
 }
 
+/// Total memory of a device in bytes: the host's RAM for the CPU, `cuDeviceTotalMem` for a
+/// CUDA device (`None` when the driver or device is missing).
+pub fn device_total_memory(backend: BackendChoice) -> Option<u64> {
+    match backend {
+        BackendChoice::Flex => crate::memory::host_total_memory(),
+        #[cfg(feature = "cuda")]
+        BackendChoice::Cuda(n) => std::panic::catch_unwind(|| {
+            use cudarc::driver::result;
+            result::init().ok()?;
+            let dev = result::device::get(n as i32).ok()?;
+            // SAFETY: `dev` was returned by `device::get`.
+            unsafe { result::device::total_mem(dev) }.ok().map(|b| b as u64)
+        })
+        .ok()
+        .flatten(),
+        #[cfg(not(feature = "cuda"))]
+        BackendChoice::Cuda(_) => None,
+    }
+}
+
 /// Resolves a device request against this build.
 pub fn choose_backend(spec: DeviceSpec) -> Result<BackendChoice, LoadError> {
     match spec {

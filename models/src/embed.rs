@@ -473,6 +473,12 @@ impl Engine for EmbeddingEngine {
         self.spec.clone()
     }
 
+    /// Weights as loaded; an encoder keeps no cache between steps (its workspace is the
+    /// ledger's estimate).
+    fn memory(&self) -> kiln_actors::MemoryBytes {
+        kiln_actors::MemoryBytes { weights: self.info.weights_bytes as u64, ..Default::default() }
+    }
+
     fn step(&mut self, plan: StepPlan<EmbedRequest>) -> Result<Vec<SeqOutput<EmbedOutput>>, EngineError> {
         for id in &plan.released {
             self.seqs.remove(id);

@@ -31,6 +31,8 @@ pub struct TextEngineOptions {
     pub max_running: usize,
     /// Caps the model's own `max_position_embeddings`.
     pub max_model_len: Option<usize>,
+    /// Keeps the checkpoint in host RAM so a reload after an unload skips the disk.
+    pub host_cache: Option<std::sync::Arc<crate::weights::HostWeightCache>>,
 }
 
 /// Facts about a loaded text model (for logs, `/v1/models`, the memory ledger).
@@ -116,6 +118,8 @@ pub struct TextEngine {
     info: TextModelInfo,
     eos: Vec<u32>,
     seqs: HashMap<SeqId, SeqState>,
+    /// Peak host-memory growth seen by `warmup` on the CPU (0: not measured).
+    activation_peak: u64,
 }
 
 /// eos ids: `generation_config.json` `eos_token_id` (int or list), else config.json's.
@@ -152,7 +156,7 @@ impl TextEngine {
         }
         let cfg = DecoderConfig::from_dir(dir)?;
         let backend = choose_backend(opts.device)?;
-        let store = WeightStore::open(dir)?;
+        let store = WeightStore::open_cached(dir, opts.host_cache.as_deref())?;
         let num_blocks = opts.kv_cache_tokens.div_ceil(opts.block_size).max(1);
         let inner = match backend {
             BackendChoice::Flex => Inner::Flex(Runner::load(
@@ -219,7 +223,7 @@ impl TextEngine {
             seconds = info.load_seconds,
             "text model loaded"
         );
-        Ok(TextEngine { inner, spec, info, eos, seqs: HashMap::new() })
+        Ok(TextEngine { inner, spec, info, eos, seqs: HashMap::new(), activation_peak: 0 })
     }
 
     pub fn model_info(&self) -> TextModelInfo {
@@ -260,6 +264,36 @@ impl TextEngine {
         out.pop().ok_or_else(|| EngineError::Step("no logits".into()))
     }
 
+    /// Runs the two largest steps the config allows — one prefill chunk of the whole token
+    /// budget, and a decode of `max_running` sequences at the end of the context — without
+    /// touching live sequences (call before serving). On the CPU it measures the peak memory
+    /// growth, which `Engine::memory` reports as the activation workspace.
+    pub fn warmup_steps(&mut self) -> Result<(), EngineError> {
+        let (bs, nb) = (self.spec.block_size, self.spec.num_blocks);
+        let cap = (nb * bs).min(self.spec.max_model_len);
+        let probe = match self.inner {
+            Inner::Flex(_) => crate::memory::PeakProbe::start(),
+            #[cfg(feature = "cuda")]
+            Inner::Cuda(_) => None,
+        };
+        let t = self.spec.max_batch_tokens.min(cap).max(1);
+        let tokens = vec![0u32; t];
+        let blocks: Vec<u32> = (0..t.div_ceil(bs) as u32).collect();
+        self.forward_raw(&[ForwardSeq { tokens: &tokens, start: 0, block_table: &blocks, logits: true }])?;
+        // Every decode row attends over the longest context; they share one block table
+        // (the writes all land in one slot of scratch blocks).
+        let rows = self.spec.max_running.min(self.spec.max_batch_tokens).max(1);
+        let table: Vec<u32> = (0..cap.div_ceil(bs) as u32).collect();
+        let one = [0u32];
+        let decode: Vec<ForwardSeq<'_>> =
+            (0..rows).map(|_| ForwardSeq { tokens: &one, start: cap - 1, block_table: &table, logits: true }).collect();
+        self.forward_raw(&decode)?;
+        if let Some(p) = probe {
+            self.activation_peak = p.finish();
+        }
+        Ok(())
+    }
+
     fn finish_reason(&self, st: &SeqState, token: u32) -> Option<FinishReason> {
         if (!st.ignore_eos && self.eos.contains(&token)) || st.stop_token_ids.contains(&token) {
             return Some(FinishReason::Stop);
@@ -278,6 +312,18 @@ impl Engine for TextEngine {
 
     fn spec(&self) -> EngineSpec {
         self.spec.clone()
+    }
+
+    fn warmup(&mut self) -> Result<(), EngineError> {
+        self.warmup_steps()
+    }
+
+    fn memory(&self) -> kiln_actors::MemoryBytes {
+        kiln_actors::MemoryBytes {
+            weights: self.info.weights_bytes as u64,
+            kv: self.info.kv_cache_bytes as u64,
+            activations: self.activation_peak,
+        }
     }
 
     fn step(&mut self, plan: StepPlan<TextRequest>) -> Result<Vec<SeqOutput<TokenOutput>>, EngineError> {

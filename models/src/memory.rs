@@ -259,3 +259,59 @@ pub fn activation_bytes(m: &ModelMemory, max_batch_tokens: usize, max_running: u
     let (gathered, rows) = if m.is_text() { (2 * r * c * kv, r * s.vocab_size as u64) } else { (0, r * h) };
     4 * (per_token + scores + gathered + rows)
 }
+
+/// Process memory from `/proc/self/status` (Linux): `(VmRSS, VmHWM)` in bytes.
+fn proc_rss() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line[name.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Measures the peak growth of host memory over a span of work (CPU activations): resets the
+/// kernel's high-water mark (`/proc/self/clear_refs`), then reads it back in `finish`. The
+/// figure is process-wide, so other threads allocating meanwhile inflate it (conservative).
+pub struct PeakProbe {
+    base: u64,
+}
+
+impl PeakProbe {
+    /// `None` where the platform cannot reset and read the high-water mark.
+    pub fn start() -> Option<PeakProbe> {
+        std::fs::write("/proc/self/clear_refs", "5").ok()?;
+        let (rss, _) = proc_rss()?;
+        Some(PeakProbe { base: rss })
+    }
+
+    /// Bytes the peak rose above the resident size at `start`.
+    pub fn finish(self) -> u64 {
+        proc_rss().map(|(_, hwm)| hwm.saturating_sub(self.base)).unwrap_or(0)
+    }
+}
+
+/// Total memory of the host (`MemTotal` of `/proc/meminfo`), if known.
+pub fn host_total_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line["MemTotal:".len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod probe_tests {
+    use super::*;
+
+    #[test]
+    fn peak_probe_sees_a_transient_allocation() {
+        let Some(probe) = PeakProbe::start() else { return };
+        let v = vec![1u8; 64 << 20];
+        std::hint::black_box(&v);
+        drop(v);
+        let grew = probe.finish();
+        assert!(grew >= 60 << 20, "a 64 MiB touched buffer raised the peak by only {grew} bytes");
+        assert!(host_total_memory().unwrap() > 1 << 30);
+    }
+}

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType as BurnDType, Tensor, TensorData};
@@ -13,9 +14,81 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 
 use crate::{DType, LoadError};
 
+/// A checkpoint file's bytes: memory-mapped, or held in host RAM by a [`HostWeightCache`].
+enum Bytes {
+    Mapped(Mmap),
+    Cached(Arc<[u8]>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Cached(b) => b,
+        }
+    }
+}
+
+/// A checkpoint folder's files and their bytes.
+type CachedFiles = Arc<Vec<(PathBuf, Arc<[u8]>)>>;
+
+/// Checkpoint files kept in host RAM (bounded, least recently used dropped first) so that a
+/// model unloaded to make room for another reloads without touching the disk.
+#[derive(Debug)]
+pub struct HostWeightCache {
+    budget: u64,
+    /// (checkpoint folder, its files' bytes), most recently used last.
+    entries: Mutex<Vec<(PathBuf, CachedFiles)>>,
+}
+
+impl HostWeightCache {
+    pub fn new(budget_bytes: u64) -> Arc<HostWeightCache> {
+        Arc::new(HostWeightCache { budget: budget_bytes, entries: Mutex::new(Vec::new()) })
+    }
+
+    /// Bytes held.
+    pub fn used(&self) -> u64 {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.iter().map(|(_, files)| files.iter().map(|(_, b)| b.len() as u64).sum::<u64>()).sum()
+    }
+
+    /// Whether `dir`'s files are held.
+    pub fn contains(&self, dir: &Path) -> bool {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.iter().any(|(d, _)| d == dir)
+    }
+
+    fn get(&self, dir: &Path) -> Option<CachedFiles> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let i = entries.iter().position(|(d, _)| d == dir)?;
+        let e = entries.remove(i);
+        let files = e.1.clone();
+        entries.push(e);
+        Some(files)
+    }
+
+    /// Keeps `files` (evicting older folders) if they fit the budget at all.
+    fn put(&self, dir: &Path, files: Vec<(PathBuf, Arc<[u8]>)>) {
+        let size: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
+        if size > self.budget {
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.retain(|(d, _)| d != dir);
+        let held = |es: &Vec<(PathBuf, CachedFiles)>| -> u64 {
+            es.iter().map(|(_, f)| f.iter().map(|(_, b)| b.len() as u64).sum::<u64>()).sum()
+        };
+        while !entries.is_empty() && held(&entries) + size > self.budget {
+            entries.remove(0);
+        }
+        entries.push((dir.to_path_buf(), Arc::new(files)));
+    }
+}
+
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Bytes,
     /// Byte offset of the data section (8 + header length).
     data_start: usize,
     metadata: Metadata,
@@ -44,19 +117,31 @@ pub fn burn_dtype(dtype: DType) -> BurnDType {
 impl WeightStore {
     /// Opens `dir/model.safetensors`, or the shards of `dir/model.safetensors.index.json`.
     pub fn open(dir: &Path) -> Result<Self, LoadError> {
-        let files = crate::memory::checkpoint_files(dir)?;
-        if files.is_empty() {
-            return Err(LoadError::Io {
-                path: dir.join("model.safetensors").display().to_string(),
-                message: "no model.safetensors or model.safetensors.index.json".into(),
-            });
+        Self::open_cached(dir, None)
+    }
+
+    /// Like `open`, through a host-RAM cache: a folder the cache holds is read from RAM;
+    /// otherwise the files are mapped and, when the cache has room, copied into it for the
+    /// next load.
+    pub fn open_cached(dir: &Path, cache: Option<&HostWeightCache>) -> Result<Self, LoadError> {
+        if let Some(files) = cache.and_then(|c| c.get(dir)) {
+            tracing::info!(dir = %dir.display(), "weights from the host-RAM cache");
+            return Self::from_bytes(files.iter().map(|(p, b)| (p.clone(), Bytes::Cached(b.clone()))).collect());
         }
+        let store = Self::open_mapped(dir)?;
+        if let Some(cache) = cache {
+            let size: u64 = store.shards.iter().map(|s| s.mmap.len() as u64).sum();
+            if size <= cache.budget {
+                cache.put(dir, store.shards.iter().map(|s| (s.path.clone(), Arc::<[u8]>::from(&s.mmap[..]))).collect());
+            }
+        }
+        Ok(store)
+    }
+
+    fn from_bytes(files: Vec<(PathBuf, Bytes)>) -> Result<Self, LoadError> {
         let mut shards = Vec::new();
         let mut index = HashMap::new();
-        for path in files {
-            let file = std::fs::File::open(&path).map_err(|e| io_err(&path, e))?;
-            // SAFETY: the checkpoint is treated as read-only for the lifetime of the store.
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| io_err(&path, e))?;
+        for (path, mmap) in files {
             let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| LoadError::Parse {
                 path: path.display().to_string(),
                 what: "safetensors",
@@ -68,6 +153,24 @@ impl WeightStore {
             shards.push(Shard { path, mmap, data_start: 8 + header_len, metadata });
         }
         Ok(WeightStore { shards, index })
+    }
+
+    fn open_mapped(dir: &Path) -> Result<Self, LoadError> {
+        let files = crate::memory::checkpoint_files(dir)?;
+        if files.is_empty() {
+            return Err(LoadError::Io {
+                path: dir.join("model.safetensors").display().to_string(),
+                message: "no model.safetensors or model.safetensors.index.json".into(),
+            });
+        }
+        let mut mapped = Vec::new();
+        for path in files {
+            let file = std::fs::File::open(&path).map_err(|e| io_err(&path, e))?;
+            // SAFETY: the checkpoint is treated as read-only for the lifetime of the store.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| io_err(&path, e))?;
+            mapped.push((path, Bytes::Mapped(mmap)));
+        }
+        Self::from_bytes(mapped)
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -176,4 +279,42 @@ pub fn tensor_from_f32<B: Backend, const D: usize>(
         DType::BF16 => TensorData::new(values.into_iter().map(bf16::from_f32).collect::<Vec<_>>(), shape),
     };
     Tensor::from_data(data, (device, burn_dtype(dtype)))
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+    }
+
+    fn tensor_bytes(store: &WeightStore, name: &str) -> Vec<u8> {
+        let shard = &store.shards[store.index[name]];
+        let info = shard.metadata.info(name).unwrap();
+        let (a, b) = info.data_offsets;
+        shard.mmap[shard.data_start + a..shard.data_start + b].to_vec()
+    }
+
+    #[test]
+    fn a_cached_checkpoint_reads_the_same_bytes_and_the_budget_evicts_oldest() {
+        let (qwen, llama) = (fixture("qwen2-tied-gqa"), fixture("llama-tiny"));
+        let size = |d: &Path| -> u64 {
+            crate::memory::checkpoint_files(d).unwrap().iter().map(|f| f.metadata().unwrap().len()).sum()
+        };
+        // Room for the larger of the two, not both.
+        let cache = HostWeightCache::new(size(&qwen).max(size(&llama)) + 1);
+        let mapped = WeightStore::open_cached(&qwen, Some(&cache)).unwrap();
+        assert!(matches!(mapped.shards[0].mmap, Bytes::Mapped(_)), "first load maps the file");
+        assert!(cache.contains(&qwen) && cache.used() == size(&qwen));
+        let cached = WeightStore::open_cached(&qwen, Some(&cache)).unwrap();
+        assert!(matches!(cached.shards[0].mmap, Bytes::Cached(_)), "second load reads RAM");
+        let name = "model.embed_tokens.weight";
+        assert_eq!(tensor_bytes(&mapped, name), tensor_bytes(&cached, name));
+        WeightStore::open_cached(&llama, Some(&cache)).unwrap();
+        assert!(cache.contains(&llama) && !cache.contains(&qwen), "the older folder made room");
+        let tiny = HostWeightCache::new(16);
+        WeightStore::open_cached(&qwen, Some(&tiny)).unwrap();
+        assert_eq!(tiny.used(), 0, "a checkpoint larger than the budget is not kept");
+    }
 }

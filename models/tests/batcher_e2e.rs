@@ -25,6 +25,7 @@ async fn start(dir: PathBuf, kv_cache_tokens: usize, max_batch_tokens: usize) ->
         max_batch_tokens,
         max_running: 32,
         max_model_len: None,
+        host_cache: None,
     };
     spawn_batcher(
         "e2e".into(),

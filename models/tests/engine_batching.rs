@@ -47,6 +47,7 @@ fn load(name: &str, kv_tokens: usize) -> TextEngine {
         max_batch_tokens: 16,
         max_running: 16,
         max_model_len: None,
+        host_cache: None,
     };
     TextEngine::load(&fixture_dir(name), &opts).unwrap()
 }

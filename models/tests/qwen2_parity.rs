@@ -68,6 +68,7 @@ fn options(block_size: usize) -> TextEngineOptions {
         max_batch_tokens: 256,
         max_running: 16,
         max_model_len: None,
+        host_cache: None,
     }
 }
 

@@ -11,7 +11,7 @@ use super::types::{GenerateBody, PromptInput};
 use super::{from_value, ApiJson};
 use crate::error::ApiError;
 use crate::server::AppState;
-use crate::validation::{chat_messages, completion_prompt, validate, Endpoint, PromptSpec};
+use crate::validation::{chat_messages, completion_prompt, request_timeout, validate, Endpoint, PromptSpec};
 
 pub async fn generate(
     State(state): State<AppState>,
@@ -20,7 +20,12 @@ pub async fn generate(
     let body = match body.input {
         Some(input) => {
             let inner: GenerateBody = from_value(input)?;
-            GenerateBody { model: inner.model.or(body.model), stream: inner.stream.or(body.stream), ..inner }
+            GenerateBody {
+                model: inner.model.or(body.model),
+                stream: inner.stream.or(body.stream),
+                timeout: inner.timeout.or(body.timeout),
+                ..inner
+            }
         }
         None => body,
     };
@@ -68,5 +73,8 @@ pub async fn generate(
     valid.stream = body.stream.or(sampling.stream).unwrap_or(false);
     valid.include_usage = false;
     valid.echo = false;
+    if let Some(t) = request_timeout("timeout", body.timeout)? {
+        valid.timeout = Some(t);
+    }
     respond(&state, &entry, valid, Shape::Generate).await
 }

@@ -1,14 +1,18 @@
 //! HTTP routes (axum): OpenAI-compatible completions and embeddings, `/v1/generate`, tokenizer utilities,
 //! health/readiness/metrics, and the WebSocket upgrade.
 
+pub mod admin;
 pub mod embeddings;
 pub mod generate;
 pub mod openai;
 pub mod types;
 
+use std::sync::atomic::Ordering;
+
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{header, StatusCode, Uri};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -21,27 +25,47 @@ use crate::server::{AppState, Backend, LoadState, ModelKind};
 use crate::validation::{chat_messages, render_chat};
 use types::{DetokenizeBody, TokenizeBody};
 
+/// Seconds a client refused during shutdown should wait (another replica will answer).
+pub const DRAINING_RETRY_AFTER_S: u64 = 1;
+
 /// Every route; tests serve it on `127.0.0.1:0`.
 pub fn app(state: AppState) -> Router {
     let limit = state.limits.max_body_bytes;
-    Router::new()
+    // The routes that use a model (and may load one): refused with 503 once shutdown begins.
+    let inference = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/generate", post(generate::generate))
-        .route("/v1/models", get(list_models))
         .route("/v1/ws", get(crate::ws::ws_handler))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route_layer(middleware::from_fn_with_state(state.clone(), refuse_while_draining));
+    Router::new()
+        .merge(inference)
+        .route("/v1/models", get(list_models))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/admin/fault", post(admin::inject_fault))
         .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_string()) })
         .method_not_allowed_fallback(|uri: Uri| async move { ApiError::MethodNotAllowed(uri.path().to_string()) })
         .layer(DefaultBodyLimit::max(limit))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .layer(tower_http::cors::CorsLayer::permissive())
         .with_state(state)
+}
+
+/// Whether the server is shutting down (new work is refused; running work finishes).
+pub fn is_draining(state: &AppState) -> bool {
+    state.draining.load(Ordering::Acquire)
+}
+
+async fn refuse_while_draining(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if is_draining(&state) {
+        return ApiError::Draining { retry_after_s: DRAINING_RETRY_AFTER_S }.into_response();
+    }
+    next.run(req).await
 }
 
 /// A JSON body whose every failure is an OpenAI-shaped error: not UTF-8 or not JSON (400),
@@ -107,6 +131,7 @@ async fn list_models(State(state): State<AppState>) -> Json<Value> {
             "state": load.as_str(),
             "preload": m.preload,
         });
+        kiln["memory"] = m.memory_report();
         match &m.kind {
             ModelKind::Text(tok) => {
                 kiln["family"] = json!("text-generation");
@@ -212,6 +237,10 @@ fn health_str(h: &BatcherHealth) -> String {
 }
 
 async fn ready(State(state): State<AppState>) -> Response {
+    if is_draining(&state) {
+        let retry = [(header::RETRY_AFTER, DRAINING_RETRY_AFTER_S.to_string())];
+        return (StatusCode::SERVICE_UNAVAILABLE, retry, Json(json!({"status": "draining"}))).into_response();
+    }
     if state.is_ready().await {
         return (StatusCode::OK, "ready").into_response();
     }

@@ -81,7 +81,7 @@ pub async fn respond(
     if g.request.stream {
         Ok(Sse::new(event_stream(meta, g, rx)).keep_alive(KeepAlive::default()).into_response())
     } else {
-        let (choices, prompt_tokens) = collect(rx, g.request.n).await?;
+        let (choices, prompt_tokens) = collect(rx, g.request.n, g.timeout).await?;
         Ok(Json(meta.response(&g.request, &choices, prompt_tokens)).into_response())
     }
 }
@@ -104,8 +104,13 @@ pub struct ChoiceResult {
     pub completion_tokens: usize,
 }
 
-/// Waits for every choice to finish; the first choice error fails the request.
-pub async fn collect(mut rx: mpsc::Receiver<ClientEvent>, n: usize) -> Result<(Vec<ChoiceResult>, usize), ApiError> {
+/// Waits for every choice to finish; the first choice error fails the request, and a choice
+/// ended by the deadline makes it a 408 (`timeout` is the deadline's length, for the message).
+pub async fn collect(
+    mut rx: mpsc::Receiver<ClientEvent>,
+    n: usize,
+    timeout: std::time::Duration,
+) -> Result<(Vec<ChoiceResult>, usize), ApiError> {
     let mut choices = vec![ChoiceResult::default(); n];
     let mut prompt_tokens = 0;
     let mut open = n;
@@ -117,6 +122,10 @@ pub async fn collect(mut rx: mpsc::Receiver<ClientEvent>, n: usize) -> Result<(V
                     c.text.push_str(&text);
                     c.tokens.push(TokenInfo { text, token, token_text, logprob, top_logprobs });
                 }
+            }
+            Some(ClientEvent::Done { finish_reason: FinishReason::Timeout, .. }) => {
+                // The request actor has cancelled every choice (their blocks are freed).
+                return Err(ApiError::Timeout { timeout_s: timeout.as_secs_f64() });
             }
             Some(ClientEvent::Done { index, finish_reason, prompt_tokens: p, completion_tokens }) => {
                 prompt_tokens = p;

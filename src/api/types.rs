@@ -32,6 +32,9 @@ pub struct CompletionBody {
     pub echo: Option<bool>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    /// Seconds the request may take (queueing included); capped by the server's
+    /// `request_timeout_s`. Past it: 408 (or a `timeout` finish when streaming).
+    pub timeout: Option<f64>,
     /// Accepted and ignored.
     pub user: Option<String>,
     /// Not supported yet: refused when non-empty rather than silently ignored.
@@ -167,6 +170,8 @@ pub struct GenerateBody {
     pub system_prompt: Option<String>,
     pub sampling_params: Option<CompletionBody>,
     pub stream: Option<bool>,
+    /// As in `CompletionBody` (also accepted inside `sampling_params`).
+    pub timeout: Option<f64>,
     pub input: Option<Value>,
 }
 

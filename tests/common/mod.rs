@@ -89,6 +89,25 @@ impl TestServer {
     }
 }
 
+/// The value of the series `name{labels}` in a Prometheus text exposition (labels in any
+/// order, all of them given); 0 when absent.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    want.sort();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let (n, mut have) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}').split(',').map(str::to_string).collect::<Vec<_>>()),
+            None => (series, Vec::new()),
+        };
+        have.sort();
+        if n == name && have == want {
+            return value.parse().unwrap();
+        }
+    }
+    0.0
+}
+
 /// Checks the OpenAI error shape and returns the error object.
 pub fn assert_error(status: u16, body: &Value, want_status: u16, want_code: &str) -> Value {
     assert_eq!(status, want_status, "{body}");

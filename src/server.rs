@@ -210,7 +210,7 @@ pub type BackendLoader = Arc<dyn Fn() -> BoxFuture<'static, Result<Backend, Stri
 /// What an embedding model's folder says, known before its weights load.
 pub struct EmbeddingModel {
     pub tokenizer: EmbeddingTokenizer,
-    /// Length of the model's vectors.
+    /// Length of the served vectors: the projection's output when there is one.
     pub dimensions: usize,
     pub max_seq_length: usize,
     /// Token ids at or above this are refused.
@@ -221,6 +221,8 @@ pub struct EmbeddingModel {
     pub normalize: bool,
     pub prompts: std::collections::BTreeMap<String, String>,
     pub default_prompt_name: Option<String>,
+    /// A `kiln pca fit` projection applied to the encoder's vectors before they are served.
+    pub projection: Option<crate::pca::Projection>,
 }
 
 impl EmbeddingModel {
@@ -238,6 +240,7 @@ impl EmbeddingModel {
             normalize: st.normalize,
             prompts: st.prompts,
             default_prompt_name: st.default_prompt_name,
+            projection: None,
         })
     }
 }
@@ -838,8 +841,11 @@ fn model_entry(m: &ModelConfig, metrics: &Metrics, wiring: &Wiring) -> anyhow::R
 /// Reuses `device`, `dtype`, `max_batch_tokens`, `max_running` and `max_waiting`.
 fn embedding_model_entry(m: &ModelConfig, metrics: &Metrics, wiring: &Wiring) -> anyhow::Result<Arc<ModelEntry>> {
     let dir: PathBuf = m.path.clone();
-    let model = EmbeddingModel::from_dir(&dir)
+    let mut model = EmbeddingModel::from_dir(&dir)
         .with_context(|| format!("model {:?} at {}: reading the embedding model", m.name, dir.display()))?;
+    if let Some(path) = &m.projection {
+        crate::pca::attach_projection(&mut model, path).with_context(|| format!("model {:?}", m.name))?;
+    }
     let model = Arc::new(model);
     let opts = EmbeddingEngineOptions {
         device: m.device,
@@ -858,8 +864,7 @@ fn embedding_model_entry(m: &ModelConfig, metrics: &Metrics, wiring: &Wiring) ->
             Arc::new(move || EmbeddingEngine::load(&dir, &opts).map_err(|e| EngineError::Load(e.to_string())));
         let (name, config, metrics) = (name.clone(), batcher_config.clone(), model_metrics.clone());
         Box::pin(async move {
-            let handle =
-                spawn_batcher(name, make_engine, config, metrics.clone()).await.map_err(|e| e.to_string())?;
+            let handle = spawn_batcher(name, make_engine, config, metrics.clone()).await.map_err(|e| e.to_string())?;
             Ok(Backend::Embedding(Arc::new(EmbeddingBackend { handle, metrics })))
         })
     });

@@ -1,7 +1,9 @@
 //! `POST /v1/embeddings` (OpenAI) and the WebSocket `embed` message: inputs as text or token
 //! ids, tokenized as sentence-transformers does (prompt, truncation to `max_seq_length`),
 //! embedded through the model's batcher, returned as floats or base64, optionally truncated
-//! to fewer `dimensions` (Matryoshka) and re-normalised.
+//! to fewer `dimensions` (Matryoshka) and re-normalised. A model with a `kiln pca fit`
+//! projection serves the projected vectors (re-normalised when the model normalises), and
+//! `dimensions` then truncates those.
 
 use std::sync::Arc;
 
@@ -226,6 +228,21 @@ fn encode_text(
     })
 }
 
+/// The vector the API returns for one of the encoder's vectors: projected when the model has a
+/// projection, then truncated to the requested `dimensions`.
+pub fn served_vector(
+    model: &EmbeddingModel,
+    vector: Vec<f32>,
+    dimensions: Option<usize>,
+    renormalize: bool,
+) -> Vec<f32> {
+    let v = match &model.projection {
+        Some(p) => p.apply(&vector, renormalize),
+        None => vector,
+    };
+    truncate_vector(v, dimensions, renormalize)
+}
+
 /// Keeps the first `dims` components, re-normalised to unit length when `renormalize`.
 pub fn truncate_vector(mut v: Vec<f32>, dims: Option<usize>, renormalize: bool) -> Vec<f32> {
     let Some(d) = dims.filter(|&d| d < v.len()) else { return v };
@@ -285,16 +302,32 @@ pub async fn embed(state: &AppState, body: EmbeddingBody) -> Result<Value, ApiEr
         .map_err(|e| ApiError::Internal(format!("tokenizing failed: {e}")))??;
     let backend = entry.embedding_backend().await?;
     let timeout = state.limits.request_timeout;
-    let outputs = tokio::time::timeout(timeout, backend.embed(valid.inputs))
-        .await
-        .map_err(|_| ApiError::Unavailable(format!("the embedding did not finish within {} s", timeout.as_secs())))?
-        .map_err(embed_error)?;
+    let started = std::time::Instant::now();
+    let metrics = &backend.metrics;
+    let outputs = match tokio::time::timeout(timeout, backend.embed(valid.inputs)).await {
+        Err(_) => {
+            metrics.reject(kiln_actors::metrics::reject_reason::TIMEOUT);
+            return Err(ApiError::Unavailable(format!("the embedding did not finish within {} s", timeout.as_secs())));
+        }
+        Ok(Err(e)) => {
+            match &e {
+                EmbedError::Submit(s) => metrics.reject(kiln_actors::request::submit_reject_reason(s)),
+                EmbedError::InvalidInput { .. } => {}
+                _ => metrics.request_finished("error"),
+            }
+            return Err(embed_error(e));
+        }
+        Ok(Ok(outputs)) => outputs,
+    };
+    metrics.e2e.observe(started.elapsed().as_secs_f64());
+    metrics.request_finished("stop");
     let prompt_tokens: usize = outputs.iter().map(|o| o.prompt_tokens).sum();
+    let model = entry.embedding_model()?;
     let data: Vec<Value> = outputs
         .into_iter()
         .enumerate()
         .map(|(i, o)| {
-            let v = truncate_vector(o.vector, valid.dimensions, valid.renormalize);
+            let v = served_vector(model, o.vector, valid.dimensions, valid.renormalize);
             let embedding = if valid.base64 { json!(base64_f32(&v)) } else { json!(v) };
             json!({"object": "embedding", "index": i, "embedding": embedding})
         })

@@ -81,8 +81,12 @@ pub struct ModelConfig {
     pub dtype: DType,
     #[serde(default = "default_block_size")]
     pub block_size: usize,
+    /// Tokens of KV cache, or `"auto"`: what the device's memory budget leaves after every
+    /// model's weights and activation reserve, and the explicit KV pools of the others, split
+    /// evenly between the `auto` models of the device (capped at `max_running` full-length
+    /// sequences).
     #[serde(default = "default_kv_cache_tokens")]
-    pub kv_cache_tokens: usize,
+    pub kv_cache_tokens: KvCacheTokens,
     #[serde(default = "default_max_batch_tokens")]
     pub max_batch_tokens: usize,
     #[serde(default = "default_max_running")]
@@ -107,8 +111,62 @@ pub struct ModelConfig {
 fn default_block_size() -> usize {
     16
 }
-fn default_kv_cache_tokens() -> usize {
-    16384
+fn default_kv_cache_tokens() -> KvCacheTokens {
+    KvCacheTokens::Tokens(16384)
+}
+
+/// A model's KV-cache size: a token count, or sized from the device's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum KvCacheTokens {
+    #[serde(serialize_with = "ser_auto")]
+    Auto,
+    Tokens(usize),
+}
+
+fn ser_auto<S: serde::Serializer>(s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str("auto")
+}
+
+impl KvCacheTokens {
+    /// The configured count (`None` for `auto`).
+    pub fn tokens(self) -> Option<usize> {
+        match self {
+            KvCacheTokens::Auto => None,
+            KvCacheTokens::Tokens(n) => Some(n),
+        }
+    }
+}
+
+impl From<usize> for KvCacheTokens {
+    fn from(n: usize) -> Self {
+        KvCacheTokens::Tokens(n)
+    }
+}
+
+impl fmt::Display for KvCacheTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KvCacheTokens::Auto => f.write_str("auto"),
+            KvCacheTokens::Tokens(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for KvCacheTokens {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Tokens(usize),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Tokens(n) => Ok(KvCacheTokens::Tokens(n)),
+            Raw::Text(t) if t == "auto" => Ok(KvCacheTokens::Auto),
+            Raw::Text(t) => Err(serde::de::Error::custom(format!("expected a token count or \"auto\", got {t:?}"))),
+        }
+    }
 }
 fn default_max_batch_tokens() -> usize {
     2048
@@ -224,12 +282,12 @@ impl Config {
             if !names.insert(m.name.as_str()) {
                 return Err(format!("{at}: duplicate model name"));
             }
-            for (key, v) in [
-                ("block_size", m.block_size),
-                ("kv_cache_tokens", m.kv_cache_tokens),
-                ("max_batch_tokens", m.max_batch_tokens),
-                ("max_running", m.max_running),
-            ] {
+            if m.kv_cache_tokens == KvCacheTokens::Tokens(0) {
+                return Err(format!("{at}: kv_cache_tokens must be at least 1 (or \"auto\")"));
+            }
+            for (key, v) in
+                [("block_size", m.block_size), ("max_batch_tokens", m.max_batch_tokens), ("max_running", m.max_running)]
+            {
                 if v == 0 {
                     return Err(format!("{at}: {key} must be at least 1"));
                 }
@@ -306,6 +364,10 @@ mod tests {
         assert_eq!(parse("[server]\nmemory_limit = 1048576\n").unwrap().server.memory_limit, Some(1 << 20));
         assert!(parse("[server]\nmemory_limit = \"lots\"\n").is_err());
         assert!(parse("[server]\nmemory_fraction = 1.5\n").is_err());
+        let auto = parse("[[models]]\nname = \"a\"\npath = \"p\"\nkv_cache_tokens = \"auto\"\n").unwrap();
+        assert_eq!(auto.models[0].kv_cache_tokens, KvCacheTokens::Auto);
+        let e = parse("[[models]]\nname = \"a\"\npath = \"p\"\nkv_cache_tokens = \"lots\"\n").unwrap_err();
+        assert!(e.to_string().contains("auto"), "{e}");
         let m = &c.models[0];
         assert_eq!(m.path, Path::new("/etc/kiln/models/m"));
         assert_eq!(m.device, DeviceSpec::Cuda(1));

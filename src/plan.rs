@@ -9,9 +9,11 @@
 //!   `max_batch_tokens`, `max_running` and the planned context);
 //! - `KV pool = capacity − Σ weights − Σ activation reserves`;
 //! - the pool is split between the text models **in proportion to their configured
-//!   `kv_cache_tokens`** (embedding models take no KV); a model's share, in whole blocks of
-//!   `block_size` tokens, is its KV capacity in tokens; `max sequences = KV blocks /
-//!   ceil(context / block_size)`;
+//!   `kv_cache_tokens`** (embedding models take no KV); when some say `kv_cache_tokens = "auto"`,
+//!   the others get what they configured and the `auto` ones split the rest evenly (each capped
+//!   at `max_running` sequences of the context: the server sizes them the same way); a model's
+//!   share, in whole blocks of `block_size` tokens, is its KV capacity in tokens; `max sequences
+//!   = KV blocks / ceil(context / block_size)`;
 //! - the set **fits** when `Σ weights + Σ reserves ≤ capacity` and every text model can hold
 //!   at least one sequence of the planned context.
 //!
@@ -27,7 +29,7 @@ use kiln_models::memory::{activation_bytes, estimate, ModelMemory};
 use kiln_models::DType;
 use serde::Serialize;
 
-use crate::config::{Config, ModelConfig};
+use crate::config::{Config, KvCacheTokens, ModelConfig};
 
 const GIB: u64 = 1 << 30;
 
@@ -108,7 +110,7 @@ pub struct ModelEntry {
     pub name: String,
     pub path: PathBuf,
     pub block_size: usize,
-    pub kv_cache_tokens: usize,
+    pub kv_cache_tokens: KvCacheTokens,
     pub max_batch_tokens: usize,
     pub max_running: usize,
     /// The planned context for this model: `--context` capped by `max_model_len` and the
@@ -183,6 +185,39 @@ pub struct Plan {
     pub cards: Vec<CardPlan>,
 }
 
+/// A text model's claim on a device's KV pool (see [`kv_shares`]).
+#[derive(Debug, Clone, Copy)]
+pub struct KvClaim {
+    /// Configured tokens; `None` for `auto`.
+    pub tokens: Option<usize>,
+    pub kv_bytes_per_token: u64,
+    /// Most tokens an `auto` pool may take (`max_running` sequences of the context).
+    pub cap_tokens: usize,
+}
+
+/// Splits `usable` KV bytes between text models. Without `auto` claims the split is in
+/// proportion to the configured tokens; otherwise configured claims get their bytes and `auto`
+/// claims share what is left evenly, each capped at its `cap_tokens`.
+pub fn kv_shares(claims: &[KvClaim], usable: u64) -> Vec<u64> {
+    let autos = claims.iter().filter(|c| c.tokens.is_none()).count() as u64;
+    if autos == 0 {
+        let total: u128 = claims.iter().map(|c| c.tokens.unwrap_or(0) as u128).sum();
+        return claims
+            .iter()
+            .map(|c| if total == 0 { 0 } else { (usable as u128 * c.tokens.unwrap_or(0) as u128 / total) as u64 })
+            .collect();
+    }
+    let fixed: u64 = claims.iter().filter_map(|c| c.tokens.map(|t| t as u64 * c.kv_bytes_per_token)).sum();
+    let each = usable.saturating_sub(fixed) / autos;
+    claims
+        .iter()
+        .map(|c| match c.tokens {
+            Some(t) => t as u64 * c.kv_bytes_per_token,
+            None => each.min(c.cap_tokens as u64 * c.kv_bytes_per_token),
+        })
+        .collect()
+}
+
 /// Plans `models` on a card of `gpu_bytes`.
 pub fn plan_card(models: &[ModelEntry], gpu_bytes: u64, memory_fraction: f64) -> CardPlan {
     let capacity = (gpu_bytes as f64 * memory_fraction).floor() as u64;
@@ -190,7 +225,15 @@ pub fn plan_card(models: &[ModelEntry], gpu_bytes: u64, memory_fraction: f64) ->
     let activations: u64 = models.iter().map(|m| m.activation_bytes).sum();
     let pool = capacity as i64 - weights as i64 - activations as i64;
     let usable = pool.max(0) as u128;
-    let total_share: u128 = models.iter().filter(|m| m.memory.is_text()).map(|m| m.kv_cache_tokens as u128).sum();
+    let claims: Vec<KvClaim> = models
+        .iter()
+        .map(|m| KvClaim {
+            tokens: if m.memory.is_text() { m.kv_cache_tokens.tokens() } else { Some(0) },
+            kv_bytes_per_token: m.memory.kv_bytes_per_token,
+            cap_tokens: m.max_running * m.context.div_ceil(m.block_size) * m.block_size,
+        })
+        .collect();
+    let shares = kv_shares(&claims, usable as u64);
     let (mut reasons, mut warnings) = (Vec::new(), Vec::new());
     if pool < 0 {
         reasons.push(format!(
@@ -201,9 +244,8 @@ pub fn plan_card(models: &[ModelEntry], gpu_bytes: u64, memory_fraction: f64) ->
         ));
     }
     let mut out = Vec::new();
-    for m in models {
-        let (share, kv_tokens, seqs) = if m.memory.is_text() && total_share > 0 {
-            let share = (usable * m.kv_cache_tokens as u128 / total_share) as u64;
+    for (m, &share) in models.iter().zip(&shares) {
+        let (share, kv_tokens, seqs) = if m.memory.is_text() && share > 0 {
             let block_bytes = m.memory.kv_bytes_per_token * m.block_size as u64;
             let blocks = share / block_bytes;
             let per_seq = m.context.div_ceil(m.block_size) as u64;
@@ -217,7 +259,7 @@ pub fn plan_card(models: &[ModelEntry], gpu_bytes: u64, memory_fraction: f64) ->
                     "{}: its KV share ({kv_tokens} tokens) cannot hold one {}-token sequence",
                     m.name, m.context
                 ));
-            } else if pool >= 0 && (m.kv_cache_tokens as u64) > kv_tokens {
+            } else if pool >= 0 && m.kv_cache_tokens.tokens().is_some_and(|t| t as u64 > kv_tokens) {
                 warnings.push(format!(
                     "{}: kv_cache_tokens = {} is more than the {kv_tokens} tokens that fit",
                     m.name, m.kv_cache_tokens

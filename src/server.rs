@@ -633,8 +633,10 @@ impl AppState {
         let mut faults = std::collections::BTreeMap::new();
         let host_cache = (config.server.host_cache_bytes > 0)
             .then(|| kiln_models::weights::HostWeightCache::new(config.server.host_cache_bytes));
+        let mut configs = config.models.clone();
+        resolve_auto_kv(&mut configs, &config.server, &mut ledgers)?;
         let mut models = Vec::new();
-        for m in &config.models {
+        for m in &configs {
             let ledger = device_ledger(m, &config.server, &mut ledgers)?;
             let estimate = ledger.as_ref().map(|_| estimate_memory(m)).transpose()?;
             let fault = config.server.fault_injection.then(|| Arc::new(FaultSwitch::default()));
@@ -800,13 +802,87 @@ fn device_ledger(
     Ok(Some(ledger))
 }
 
+/// Sizes the KV pool of every `kv_cache_tokens = "auto"` text model: per device, the budget
+/// left after every model's weights and activation reserve and the other models' explicit KV
+/// pools, split evenly between the device's `auto` models (`kiln plan`'s `kv_shares`), each
+/// capped at `max_running` sequences of its context. All the device's models then fit at once.
+fn resolve_auto_kv(
+    models: &mut [ModelConfig],
+    server: &crate::config::ServerConfig,
+    ledgers: &mut std::collections::BTreeMap<String, Arc<DeviceLedger>>,
+) -> anyhow::Result<()> {
+    if models.iter().all(|m| m.kv_cache_tokens.tokens().is_some()) {
+        return Ok(());
+    }
+    // Per model: its device ledger and what the estimate says.
+    let mut facts = Vec::new();
+    for m in models.iter() {
+        let ledger = device_ledger(m, server, ledgers)?;
+        let mem = kiln_models::memory::estimate(&m.path, m.dtype).with_context(|| format!("model {:?}", m.name))?;
+        let positions = mem.shape.max_positions.max(1);
+        let context = m.max_model_len.unwrap_or(positions).min(positions);
+        let activations = kiln_models::memory::activation_bytes(&mem, m.max_batch_tokens, m.max_running, context);
+        facts.push((ledger, mem, context, activations));
+    }
+    let devices: Vec<Arc<DeviceLedger>> = ledgers.values().cloned().collect();
+    for ledger in devices {
+        let on: Vec<usize> =
+            (0..models.len()).filter(|&i| facts[i].0.as_ref().is_some_and(|l| Arc::ptr_eq(l, &ledger))).collect();
+        let fixed: u64 = on.iter().map(|&i| facts[i].1.weights_bytes + facts[i].3).sum();
+        let usable = ledger.capacity().saturating_sub(fixed);
+        let text: Vec<usize> = on.iter().copied().filter(|&i| facts[i].1.is_text()).collect();
+        let claims: Vec<crate::plan::KvClaim> = text
+            .iter()
+            .map(|&i| crate::plan::KvClaim {
+                tokens: models[i].kv_cache_tokens.tokens(),
+                kv_bytes_per_token: facts[i].1.kv_bytes_per_token,
+                cap_tokens: models[i].max_running * facts[i].2.div_ceil(models[i].block_size) * models[i].block_size,
+            })
+            .collect();
+        let shares = crate::plan::kv_shares(&claims, usable);
+        for (&i, share) in text.iter().zip(shares) {
+            let m = &mut models[i];
+            if m.kv_cache_tokens.tokens().is_some() {
+                continue;
+            }
+            let block_bytes = facts[i].1.kv_bytes_per_token.max(1) * m.block_size as u64;
+            let tokens = (share / block_bytes) as usize * m.block_size;
+            anyhow::ensure!(
+                tokens > 0,
+                "model {:?}: kv_cache_tokens = \"auto\" leaves no KV cache: {} has {} for models and their \
+                 weights and activation reserves take {}",
+                m.name,
+                ledger.device(),
+                human_bytes(ledger.capacity()),
+                human_bytes(fixed)
+            );
+            tracing::info!(model = %m.name, device = ledger.device(), kv_tokens = tokens, kv = %human_bytes(tokens as u64 * facts[i].1.kv_bytes_per_token), "kv_cache_tokens = auto");
+            m.kv_cache_tokens = crate::config::KvCacheTokens::Tokens(tokens);
+        }
+    }
+    if let Some(m) = models
+        .iter()
+        .find(|m| m.kv_cache_tokens.tokens().is_none() && detect_family(&m.path).ok() == Some(Family::TextGeneration))
+    {
+        anyhow::bail!(
+            "model {:?}: kv_cache_tokens = \"auto\" needs a known device memory (set [server] memory_limit, \
+             or give a token count)",
+            m.name
+        );
+    }
+    Ok(())
+}
+
 /// What `m` will reserve before loading: checkpoint weights in the configured dtype, the KV
 /// pool it asks for, and the activation reserve of its largest step (`kiln plan`'s formula).
 fn estimate_memory(m: &ModelConfig) -> anyhow::Result<MemoryBytes> {
     let mem = kiln_models::memory::estimate(&m.path, m.dtype).with_context(|| format!("model {:?}", m.name))?;
     let positions = mem.shape.max_positions.max(1);
     if mem.is_text() {
-        let kv_tokens = m.kv_cache_tokens.div_ceil(m.block_size) * m.block_size;
+        let configured = m.kv_cache_tokens.tokens().ok_or_else(|| {
+            anyhow::anyhow!("model {:?}: kv_cache_tokens = \"auto\" must be resolved before estimating", m.name)
+        })?;
+        let kv_tokens = configured.div_ceil(m.block_size) * m.block_size;
         let context = m.max_model_len.unwrap_or(positions).min(positions).min(kv_tokens);
         Ok(MemoryBytes {
             weights: mem.weights_bytes,
@@ -880,7 +956,10 @@ fn text_model_entry(m: &ModelConfig, metrics: &Metrics, wiring: &Wiring) -> anyh
         device: m.device,
         dtype: m.dtype,
         block_size: m.block_size,
-        kv_cache_tokens: m.kv_cache_tokens,
+        kv_cache_tokens: m
+            .kv_cache_tokens
+            .tokens()
+            .ok_or_else(|| anyhow::anyhow!("model {:?}: kv_cache_tokens = \"auto\" was not resolved", m.name))?,
         max_batch_tokens: m.max_batch_tokens,
         max_running: m.max_running,
         max_model_len: m.max_model_len,

@@ -287,3 +287,51 @@ async fn a_batcher_that_fails_is_restarted_by_the_supervisor() {
     let (status, _) = plain.post("/admin/fault", json!({"model": "m", "kind": "engine_panic"})).await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_kv_takes_what_the_device_budget_leaves() {
+    let model = |kv: &str, running: usize| {
+        format!(
+            r#"
+[[models]]
+name = "m"
+path = "tests/fixtures/qwen2-tied-gqa"
+device = "cpu"
+block_size = 16
+kv_cache_tokens = {kv}
+max_batch_tokens = 128
+max_running = {running}
+"#
+        )
+    };
+    // Learn the model's weights and activation reserve with a fixed pool, then give the device
+    // room for them plus exactly 40 blocks (2 KiB per token: 2 layers x K,V x 2 heads x 16 x f32).
+    let probe = AppState::from_config(
+        &config(&format!("[server]\nmemory_limit = \"1GB\"\n{}", model("1024", 64))),
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    let est = probe.models[0].placement().unwrap().estimate;
+    let kv_per_token = 2 * 2 * 2 * 16 * 4;
+    let limit = est.weights + est.activations + 40 * 16 * kv_per_token + 100;
+    let s = serve(&format!("[server]\nmemory_limit = {limit}\n{}", model("\"auto\"", 64))).await;
+    let LoadState::Ready(b) = s.state.models[0].state() else { panic!("not loaded") };
+    assert_eq!(b.spec().num_blocks, 40);
+    complete(&s, completion("m", "auto sized", 4)).await;
+
+    // With a large budget the pool stops at max_running sequences of the full context (512).
+    let s = serve(&format!("[server]\nmemory_limit = \"1GB\"\n{}", model("\"auto\"", 3))).await;
+    let LoadState::Ready(b) = s.state.models[0].state() else { panic!("not loaded") };
+    assert_eq!(b.spec().num_blocks * 16, 3 * 512);
+
+    // A budget that leaves nothing for the cache is refused at start-up.
+    let e = AppState::from_config(
+        &config(&format!("[server]\nmemory_limit = {}\n{}", est.weights + est.activations, model("\"auto\"", 64))),
+        Metrics::new(),
+    )
+    .await
+    .err()
+    .expect("no room for a KV cache");
+    assert!(e.to_string().contains("leaves no KV cache"), "{e}");
+}

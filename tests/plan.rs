@@ -176,7 +176,7 @@ fn model_3b(dir: &Path) -> ModelConfig {
     let mut m = ModelConfig::from_dir(dir);
     m.name = "qwen2.5-3b".into();
     m.dtype = DType::BF16;
-    m.kv_cache_tokens = 131072;
+    m.kv_cache_tokens = 131072.into();
     m.max_batch_tokens = 8192;
     m.max_running = 128;
     m.max_model_len = Some(32768);
@@ -268,4 +268,36 @@ fn cli_prints_json() {
     assert_eq!(v["cards"][0]["gpu_bytes"], 24 * GIB);
     assert_eq!(v["cards"][0]["fits"], true);
     assert_eq!(v["models"][0]["name"], "kiln-demo");
+}
+
+#[test]
+fn auto_kv_takes_the_rest_after_explicit_pools() {
+    let (dir, _) = synthetic_3b();
+    let mut fixed = model_3b(&dir);
+    fixed.name = "fixed".into();
+    fixed.kv_cache_tokens = 16384.into();
+    let mut auto = model_3b(&dir);
+    auto.name = "auto".into();
+    auto.kv_cache_tokens = kiln::config::KvCacheTokens::Auto;
+    let p = plan(&[fixed, auto.clone()], 4096, &[80 * GIB], 0.9).unwrap();
+    let card = &p.cards[0];
+    let per_token = 36 * 1024;
+    assert_eq!(card.models[0].kv_tokens, 16384, "an explicit pool gets what it asked for");
+    let rest = card.kv_pool_bytes as u64 - 16384 * per_token;
+    let cap = 128 * 4096 * per_token; // max_running sequences of the planned context
+    assert_eq!(card.models[1].kv_tokens, rest.min(cap) / (per_token * 16) * 16);
+    assert!(card.fits, "{:?}", card.reasons);
+    assert!(render(&p).contains("auto"), "{}", render(&p));
+
+    // Two auto models split the rest evenly; on a small card each share is below the cap.
+    let mut auto2 = auto.clone();
+    auto2.name = "auto2".into();
+    let p = plan(&[auto, auto2], 4096, &[48 * GIB], 0.9).unwrap();
+    let card = &p.cards[0];
+    let each = card.kv_pool_bytes as u64 / 2;
+    assert!(each < cap);
+    for m in &card.models {
+        assert_eq!(m.kv_tokens, each / (per_token * 16) * 16, "{}", m.name);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

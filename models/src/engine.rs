@@ -98,7 +98,20 @@ impl<B: Backend> Runner<B> {
 enum Inner {
     Flex(Runner<burn::backend::Flex>),
     #[cfg(feature = "cuda")]
-    Cuda(Runner<burn::backend::Cuda>),
+    Cuda(Runner<burn::backend::Cuda>, usize),
+}
+
+/// Bytes the CUDA memory pools of device `n` hold (what they reserved, which they keep after
+/// a step: the growth over a warm-up step is its workspace). `None` if unavailable.
+#[cfg(feature = "cuda")]
+fn cuda_reserved_bytes(n: usize) -> Option<u64> {
+    use cubecl::Runtime;
+    std::panic::catch_unwind(|| {
+        let client = cubecl::cuda::CudaRuntime::client(&cubecl::cuda::CudaDevice::new(n));
+        client.memory_usage().ok().map(|u| u.bytes_reserved)
+    })
+    .ok()
+    .flatten()
 }
 
 impl Inner {
@@ -106,7 +119,7 @@ impl Inner {
         match self {
             Inner::Flex(r) => r.forward(seqs),
             #[cfg(feature = "cuda")]
-            Inner::Cuda(r) => r.forward(seqs),
+            Inner::Cuda(r, _) => r.forward(seqs),
         }
     }
 }
@@ -169,15 +182,18 @@ impl TextEngine {
                 Some(crate::flex_kv::write_runs),
             )?),
             #[cfg(feature = "cuda")]
-            BackendChoice::Cuda(n) => Inner::Cuda(Runner::load(
-                &cfg,
-                &store,
-                burn::backend::cuda::CudaDevice::new(n),
-                opts,
-                num_blocks,
-                KvWriteMode::ScatterNd,
-                None,
-            )?),
+            BackendChoice::Cuda(n) => Inner::Cuda(
+                Runner::load(
+                    &cfg,
+                    &store,
+                    burn::backend::cuda::CudaDevice::new(n),
+                    opts,
+                    num_blocks,
+                    KvWriteMode::ScatterNd,
+                    None,
+                )?,
+                n,
+            ),
             #[cfg(not(feature = "cuda"))]
             BackendChoice::Cuda(n) => {
                 return Err(LoadError::Unsupported(format!("cuda:{n} requested but this build has no CUDA backend")))
@@ -274,7 +290,12 @@ impl TextEngine {
         let probe = match self.inner {
             Inner::Flex(_) => crate::memory::PeakProbe::start(),
             #[cfg(feature = "cuda")]
-            Inner::Cuda(_) => None,
+            Inner::Cuda(..) => None,
+        };
+        #[cfg(feature = "cuda")]
+        let cuda_before = match self.inner {
+            Inner::Cuda(_, n) => cuda_reserved_bytes(n).map(|b| (n, b)),
+            _ => None,
         };
         let t = self.spec.max_batch_tokens.min(cap).max(1);
         let tokens = vec![0u32; t];
@@ -290,6 +311,12 @@ impl TextEngine {
         self.forward_raw(&decode)?;
         if let Some(p) = probe {
             self.activation_peak = p.finish();
+        }
+        #[cfg(feature = "cuda")]
+        if let Some((n, before)) = cuda_before {
+            if let Some(after) = cuda_reserved_bytes(n) {
+                self.activation_peak = after.saturating_sub(before);
+            }
         }
         Ok(())
     }

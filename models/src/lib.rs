@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod bert;
+pub mod clip;
 pub mod config;
 pub mod embed;
 pub mod engine;
@@ -10,6 +11,7 @@ pub mod engine;
 pub mod flex_kv;
 pub mod memory;
 pub mod qwen2;
+pub mod schedulers;
 pub mod tokenizer;
 pub mod weights;
 

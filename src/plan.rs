@@ -204,7 +204,7 @@ pub fn kv_shares(claims: &[KvClaim], usable: u64) -> Vec<u64> {
         let total: u128 = claims.iter().map(|c| c.tokens.unwrap_or(0) as u128).sum();
         return claims
             .iter()
-            .map(|c| if total == 0 { 0 } else { (usable as u128 * c.tokens.unwrap_or(0) as u128 / total) as u64 })
+            .map(|c| (usable as u128 * c.tokens.unwrap_or(0) as u128).checked_div(total).unwrap_or(0) as u64)
             .collect();
     }
     let fixed: u64 = claims.iter().filter_map(|c| c.tokens.map(|t| t as u64 * c.kv_bytes_per_token)).sum();

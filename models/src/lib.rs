@@ -13,6 +13,8 @@ pub mod memory;
 pub mod qwen2;
 pub mod schedulers;
 pub mod tokenizer;
+pub mod unet;
+pub mod vae;
 pub mod weights;
 
 pub use embed::{EmbeddingEngine, EmbeddingEngineOptions, EmbeddingModelInfo, EmbeddingTokenizer};

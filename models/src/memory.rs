@@ -83,7 +83,13 @@ pub fn read_safetensors_header(path: &Path) -> Result<Vec<HeaderTensor>, LoadErr
 /// The safetensors files of a checkpoint folder: the shards of `model.safetensors.index.json`
 /// (sorted, deduplicated) or `model.safetensors`; empty when there are none.
 pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
-    let index_path = dir.join("model.safetensors.index.json");
+    checkpoint_files_named(dir, "model")
+}
+
+/// Like [`checkpoint_files`] for another file stem (diffusers components use
+/// `diffusion_pytorch_model`): `{stem}.safetensors.index.json`'s shards or `{stem}.safetensors`.
+pub fn checkpoint_files_named(dir: &Path, stem: &str) -> Result<Vec<PathBuf>, LoadError> {
+    let index_path = dir.join(format!("{stem}.safetensors.index.json"));
     if index_path.is_file() {
         let v = crate::config::read_json(&index_path)?;
         let map = v["weight_map"].as_object().ok_or_else(|| LoadError::Parse {
@@ -96,7 +102,7 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
         names.dedup();
         return Ok(names.into_iter().map(|n| dir.join(n)).collect());
     }
-    let single = dir.join("model.safetensors");
+    let single = dir.join(format!("{stem}.safetensors"));
     Ok(if single.is_file() { vec![single] } else { Vec::new() })
 }
 

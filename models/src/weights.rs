@@ -120,6 +120,19 @@ impl WeightStore {
         Self::open_cached(dir, None)
     }
 
+    /// Opens the checkpoint of file stem `stem` in `dir` (e.g. a diffusers component's
+    /// `diffusion_pytorch_model.safetensors`, or its sharded index).
+    pub fn open_named(dir: &Path, stem: &str) -> Result<Self, LoadError> {
+        let files = crate::memory::checkpoint_files_named(dir, stem)?;
+        if files.is_empty() {
+            return Err(LoadError::Io {
+                path: dir.join(format!("{stem}.safetensors")).display().to_string(),
+                message: format!("no {stem}.safetensors or {stem}.safetensors.index.json"),
+            });
+        }
+        Self::map_files(files)
+    }
+
     /// Like `open`, through a host-RAM cache: a folder the cache holds is read from RAM;
     /// otherwise the files are mapped and, when the cache has room, copied into it for the
     /// next load.
@@ -156,13 +169,10 @@ impl WeightStore {
     }
 
     fn open_mapped(dir: &Path) -> Result<Self, LoadError> {
-        let files = crate::memory::checkpoint_files(dir)?;
-        if files.is_empty() {
-            return Err(LoadError::Io {
-                path: dir.join("model.safetensors").display().to_string(),
-                message: "no model.safetensors or model.safetensors.index.json".into(),
-            });
-        }
+        Self::open_named(dir, "model")
+    }
+
+    fn map_files(files: Vec<PathBuf>) -> Result<Self, LoadError> {
         let mut mapped = Vec::new();
         for path in files {
             let file = std::fs::File::open(&path).map_err(|e| io_err(&path, e))?;

@@ -3,8 +3,8 @@
 
 Writes `tests/fixtures/sd-tiny/`:
 
-- `sd15/` and `sd21/`: two diffusers pipeline folders (so far the `text_encoder/`,
-  `tokenizer/` and `scheduler/` components; the UNet and VAE come later):
+- `sd15/` and `sd21/`: two diffusers pipeline folders (the `text_encoder/`, `tokenizer/`,
+  `unet/` and `scheduler/` components):
   - `tokenizer/`: a real CLIP BPE tokenizer (`vocab.json` + `merges.txt`, the files SD repos
     ship, no `tokenizer.json`) made from open-clip-torch's `bpe_simple_vocab_16e6.txt.gz`,
     truncated to its first `MERGES` merges to keep the fixture small: the vocabulary is the
@@ -20,6 +20,19 @@ Writes `tests/fixtures/sd-tiny/`:
     missing parameter changes the output.
   - `scheduler/scheduler_config.json`: SD 1.5's (PNDMScheduler, scaled_linear, steps_offset 1,
     skip_prk_steps) and SD 2.1's (DDIMScheduler, v_prediction).
+  - `unet/`: a random-weight `UNet2DConditionModel` shaped like diffusers' pipeline tests
+    (DownBlock2D + CrossAttnDownBlock2D, two resnets per level, cross_attention_dim 32),
+    narrowed to channels (8, 16) with 4 GroupNorm groups to fit the fixture budget, weights
+    stored as float16: `sd15` conv proj_in/proj_out and 2 heads, `sd21` linear projections,
+    heads per block (2, 4) and upcast_attention (SD 2.x's config).
+- `vae/`: a random-weight `AutoencoderKL` (channels (8, 16), 4 groups, 4 latent channels,
+  scaling_factor 0.18215), float16.
+- `unet_vae_expected.safetensors` (float32): the UNet inputs (`latents` [2, 4, 16, 16],
+  `timesteps` [981, 37.5]: a different one per item, `encoder_hidden_states` [2, 77, 32]) and
+  `sd15.unet` / `sd21.unet`, the UNets' outputs; `vae.decoded`, the pipeline's
+  `vae.decode(latents / scaling_factor)` of the same `latents`; `vae.encoded_mean` /
+  `vae.encoded_logvar`, the encoder's latent distribution of `vae.image`. Computed in float32
+  from the float16-rounded weights, so the stored weights reproduce them exactly.
 - `expected.json`: per pipeline the prompts (empty negative prompt, punctuation, numbers,
   mixed case and whitespace, accents and an emoji, and one prompt longer than 77 tokens) and
   the ids `tokenizer(prompt, padding="max_length", max_length=77, truncation=True)` gives;
@@ -70,6 +83,7 @@ from diffusers import (  # noqa: E402
 )
 from diffusers.schedulers import scheduling_euler_ancestral_discrete as euler_a_module  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
+from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -275,6 +289,82 @@ def write_text_encoder(dest: Path, vocab_size: int, layers: int, act: str, seed:
     return CLIPTextModel.from_pretrained(dest).eval()
 
 
+# --- UNet and VAE -------------------------------------------------------------------------
+
+# The UNet of diffusers' SD pipeline tests (two levels, DownBlock2D + CrossAttnDownBlock2D,
+# cross_attention_dim 32 = the text encoders' hidden size), narrowed to (8, 16) channels with
+# 4 GroupNorm groups (2 channels per group) so that both UNets fit the fixture budget; two
+# resnets per level (three per up level, so every skip connection shape occurs).
+UNET_COMMON = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(8, 16),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    norm_num_groups=4,
+)
+# SD 1.5-like: conv proj_in/proj_out, one head count (diffusers' legacy `attention_head_dim`
+# is the number of heads). SD 2-like: linear projections, heads per block, upcast_attention.
+UNET_VARIANTS = {
+    "sd15": dict(attention_head_dim=2),
+    "sd21": dict(attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True),
+}
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=32,
+    scaling_factor=0.18215,
+)
+# UNet inputs: 2 items at different (one fractional, as Euler gives) timesteps.
+UNET_LATENT_SHAPE = (2, 4, 16, 16)
+UNET_TIMESTEPS = [981.0, 37.5]
+
+
+def randomize_diffusers(model: torch.nn.Module, seed: int) -> None:
+    """Random norms and biases (diffusers initializes them to 1 and 0, which would hide a
+    swapped or missing parameter), default-initialized weights kept; everything rounded to
+    float16, the dtype the fixture stores, so the reference is exact for the stored weights."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm = "norm" in name and p.dim() == 1
+            if is_norm and name.endswith("weight"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            p.copy_(p.half().float())
+
+
+def save_f16(model: torch.nn.Module, dest: Path) -> None:
+    model.half().save_pretrained(dest, safe_serialization=True)
+    model.float()
+
+
+def write_unet(dest: Path, variant: str, seed: int) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**UNET_COMMON, **UNET_VARIANTS[variant]).eval()
+    randomize_diffusers(unet, seed)
+    save_f16(unet, dest)
+    return unet
+
+
+def write_vae(dest: Path, seed: int) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_CONFIG).eval()
+    randomize_diffusers(vae, seed)
+    save_f16(vae, dest)
+    return vae
+
+
 # --- schedulers -----------------------------------------------------------------------------
 
 
@@ -340,11 +430,23 @@ def main() -> None:
     expected: dict = {"max_length": MAX_LEN, "merges": MERGES, "prompts": PROMPTS, "pipelines": {}}
     hidden: dict[str, torch.Tensor] = {}
     bases = {"sd15": SD15_SCHEDULER, "sd21": SD21_SCHEDULER}
+    g = torch.Generator().manual_seed(7)
+    unet_in = {
+        "latents": torch.randn(UNET_LATENT_SHAPE, generator=g),
+        "timesteps": torch.tensor(UNET_TIMESTEPS, dtype=torch.float32),
+        "encoder_hidden_states": torch.randn((UNET_LATENT_SHAPE[0], MAX_LEN, 32), generator=g),
+    }
+    unet_out: dict[str, torch.Tensor] = dict(unet_in)
     for pipe, layers, act, seed in [("sd15", 2, "quick_gelu", 15), ("sd21", 3, "gelu", 21)]:
         root = out / pipe
         sd2 = pipe == "sd21"
         tok = write_tokenizer(root / "tokenizer", vocab, merges, sd2)
         enc = write_text_encoder(root / "text_encoder", len(vocab), layers, act, seed, prefixed=not sd2)
+        unet = write_unet(root / "unet", pipe, seed + 100)
+        with torch.no_grad():
+            unet_out[f"{pipe}.unet"] = unet(
+                unet_in["latents"], unet_in["timesteps"], unet_in["encoder_hidden_states"]
+            ).sample.contiguous()
         (root / "scheduler").mkdir(parents=True)
         (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(bases[pipe], indent=2) + "\n")
 
@@ -380,6 +482,20 @@ def main() -> None:
     expected["schedulers"] = cases
     (out / "expected.json").write_text(json.dumps(expected, ensure_ascii=False) + "\n", encoding="utf-8")
     save_file(hidden, out / "expected.safetensors")
+
+    # One VAE (SD 1.5 and 2.x share the architecture) in `vae/`: the decode of fixed latents as
+    # the pipeline does it (`vae.decode(latents / scaling_factor)`), and the encoder's latent
+    # distribution of a fixed image in [-1, 1].
+    vae = write_vae(out / "vae", 200)
+    latents = unet_in["latents"]
+    image = torch.rand((2, 3, 32, 32), generator=torch.Generator().manual_seed(8)) * 2.0 - 1.0
+    with torch.no_grad():
+        unet_out["vae.decoded"] = vae.decode(latents / vae.config.scaling_factor).sample.contiguous()
+        unet_out["vae.image"] = image
+        dist = vae.encode(image).latent_dist
+        unet_out["vae.encoded_mean"] = dist.mean.contiguous()
+        unet_out["vae.encoded_logvar"] = dist.logvar.contiguous()
+    save_file({k: v.contiguous() for k, v in unet_out.items()}, out / "unet_vae_expected.safetensors")
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {out} ({total / 1024:.0f} KiB)")
 

@@ -4,8 +4,9 @@
 //!
 //! An embedding is a one-step sequence: the scheduler hands the engine a sequence's tokens
 //! (normally whole; a chunk split by the step's token budget is only recorded, and the input
-//! is encoded when its last chunk arrives), and the engine answers with its vector. Each step
-//! sorts its inputs by length and runs them in buckets of similar length to cut padding.
+//! is encoded when its last chunk arrives), and the engine answers with its vector. On the CPU
+//! (f32) a step's inputs run packed without padding (`BertModel`'s host path); elsewhere each
+//! step sorts its inputs by length and runs them in buckets of similar length to cut padding.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -247,13 +248,32 @@ pub struct EmbeddingModel<B: Backend> {
 /// sorted by length, are cut into buckets whose shortest is at least 3/4 of their longest.
 const BUCKET_MIN_RATIO: f64 = 0.75;
 
+/// Most tokens in one forward of the host path (its activations are unpadded).
+const HOST_BATCH_TOKENS: usize = 8192;
+
 impl<B: Backend> EmbeddingModel<B> {
-    /// Vectors of `inputs` in their order (each truncated to `max_seq_length`). Inputs run
-    /// sorted by length in buckets of similar length, so a vector does not depend on the batch.
+    /// Vectors of `inputs` in their order (each truncated to `max_seq_length`). On the host
+    /// path inputs run packed without padding; otherwise sorted by length in buckets of
+    /// similar length. Either way a vector does not depend on the batch.
     pub fn embed(&self, inputs: &[&[u32]]) -> Result<Vec<Vec<f32>>, String> {
+        let clipped: Vec<&[u32]> = inputs.iter().map(|t| &t[..t.len().min(self.max_seq_length)]).collect();
+        if self.encoder.host.is_some() {
+            // The host forward packs inputs without padding: one forward per HOST_BATCH_TOKENS.
+            let mut out = Vec::with_capacity(inputs.len());
+            let mut i = 0;
+            while i < clipped.len() {
+                let (mut j, mut tokens) = (i, 0);
+                while j < clipped.len() && (j == i || tokens + clipped[j].len() <= HOST_BATCH_TOKENS) {
+                    tokens += clipped[j].len();
+                    j += 1;
+                }
+                out.extend(self.encoder.embed(&clipped[i..j], self.pooling, self.normalize)?);
+                i = j;
+            }
+            return Ok(out);
+        }
         let mut order: Vec<usize> = (0..inputs.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(inputs[i].len()));
-        let clipped: Vec<&[u32]> = inputs.iter().map(|t| &t[..t.len().min(self.max_seq_length)]).collect();
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
         let mut i = 0;
         while i < order.len() {
@@ -345,7 +365,9 @@ fn load_encoder<B: Backend>(
     on_host: bool,
 ) -> Result<BertModel<B>, LoadError> {
     let mut encoder = BertModel::load(cfg, store, device, dtype)?;
-    encoder.host_gelu = on_host;
+    if on_host {
+        encoder.use_host_path()?;
+    }
     Ok(encoder)
 }
 

@@ -28,6 +28,7 @@ fn config(extra: &str) -> Config {
         max_body_bytes = 65536
         request_timeout_s = 60
         max_ws_inflight = 64
+        fault_injection = true   # POST /admin/fault slow_steps: a slow device, for timing tests
 
         [[models]]
         name = "{MODEL}"
@@ -275,6 +276,9 @@ async fn a_request_past_its_timeout_gets_408_and_frees_its_sequence() {
     // One running slot and a queue of long generations ahead: the timed request waits in the
     // queue until its deadline.
     let s = server_with("max_running = 1").await;
+    // A slow device (30 ms a step) makes every deadline below certain to pass first.
+    let (st, _) = s.post("/admin/fault", json!({"model": MODEL, "kind": "slow_steps", "count": 30})).await;
+    assert_eq!(st, 200);
     let timeouts_before = metric(&s, "kiln_requests_total", &[("status", "timeout")]).await;
     let queued_before = metric(&s, "kiln_rejected_total", &[("reason", "timeout")]).await;
     let (mut holder, _) = tokio_tungstenite::connect_async(s.ws_url()).await.unwrap();
@@ -286,39 +290,31 @@ async fn a_request_past_its_timeout_gets_408_and_frees_its_sequence() {
     let (st, v) =
         s.post("/v1/completions", json!({"model": MODEL, "prompt": "late", "max_tokens": 8, "timeout": 0.2})).await;
     let waited = started.elapsed();
-    let still_holding = metric(&s, "kiln_running_sequences", &[]).await == 1.0;
+    assert_eq!(metric(&s, "kiln_running_sequences", &[]).await, 1.0, "a holder still runs");
     holder.close(None).await.unwrap();
-    if still_holding {
-        let e = common::assert_error(st, &v, 408, "timeout");
-        assert_eq!(e["type"], "timeout_error");
-        assert!(waited < Duration::from_secs(5), "the deadline fired after {waited:?}");
-        let queued = metric(&s, "kiln_rejected_total", &[("reason", "timeout")]).await - queued_before;
-        assert_eq!(queued, 1.0, "a request that timed out in the queue counts as rejected{{reason=timeout}}");
-    } else {
-        // The holders ran out before the deadline (a very fast machine): the request was served.
-        assert!(st == 200 || st == 408, "{st}: {v}");
-    }
+    let e = common::assert_error(st, &v, 408, "timeout");
+    assert_eq!(e["type"], "timeout_error");
+    assert!(waited < Duration::from_secs(5), "the deadline fired after {waited:?}");
+    let queued = metric(&s, "kiln_rejected_total", &[("reason", "timeout")]).await - queued_before;
+    assert_eq!(queued, 1.0, "a request that timed out in the queue counts as rejected{{reason=timeout}}");
     assert_drained(&s, Duration::from_secs(10)).await;
 
-    // A running request whose deadline passes mid-generation: 408 too, its blocks freed.
+    // A running request whose deadline passes mid-generation: 408, its blocks freed; streamed,
+    // it ends with finish_reason "timeout".
     let (st, v) = s
         .post(
             "/v1/completions",
-            json!({"model": MODEL, "prompt": "run", "max_tokens": 480, "ignore_eos": true, "timeout": 0.05}),
+            json!({"model": MODEL, "prompt": "run", "max_tokens": 480, "ignore_eos": true, "timeout": 0.3}),
         )
         .await;
-    if st != 200 {
-        common::assert_error(st, &v, 408, "timeout");
-    }
+    common::assert_error(st, &v, 408, "timeout");
     let streamed = s
-        .sse("/v1/completions", json!({"model": MODEL, "prompt": "run", "max_tokens": 480, "ignore_eos": true, "timeout": 0.05, "stream": true}))
+        .sse("/v1/completions", json!({"model": MODEL, "prompt": "run", "max_tokens": 480, "ignore_eos": true, "timeout": 0.3, "stream": true}))
         .await;
     assert_eq!(streamed.last().map(String::as_str), Some("[DONE]"));
     let last: Value = serde_json::from_str(&streamed[streamed.len() - 2]).unwrap();
-    let reason = last["choices"][0]["finish_reason"].as_str().unwrap().to_string();
-    assert!(reason == "timeout" || reason == "length", "{last}");
+    assert_eq!(last["choices"][0]["finish_reason"], "timeout", "{last}");
     assert_drained(&s, Duration::from_secs(10)).await;
     let timeouts = metric(&s, "kiln_requests_total", &[("status", "timeout")]).await - timeouts_before;
-    let expected = usize::from(still_holding) + usize::from(st == 408) + usize::from(reason == "timeout");
-    assert_eq!(timeouts, expected as f64);
+    assert_eq!(timeouts, 3.0);
 }

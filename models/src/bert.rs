@@ -173,6 +173,22 @@ pub struct LayerNorm<B: Backend> {
 }
 
 impl<B: Backend> LayerNorm<B> {
+    /// Loads `{name}.weight` and `{name}.bias` of width `h`.
+    pub fn load(
+        store: &WeightStore,
+        name: &str,
+        h: usize,
+        eps: f64,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self, LoadError> {
+        Ok(LayerNorm {
+            w: store.load::<B, 1>(&format!("{name}.weight"), [h], false, device, dtype)?,
+            b: store.load::<B, 1>(&format!("{name}.bias"), [h], false, device, dtype)?,
+            eps,
+        })
+    }
+
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let dtype = x.dtype();
         let xf = x.cast(BurnDType::F32);
@@ -229,18 +245,11 @@ impl<B: Backend> BertModel<B> {
         let pre = weight_prefix(store)?;
         let h = cfg.hidden_size;
         let f = cfg.intermediate_size;
-        let lin = |name: &str, out: usize, inp: usize| -> Result<Linear<B>, LoadError> {
-            let w = store.load::<B, 2>(&format!("{pre}{name}.weight"), [out, inp], true, device, dtype)?;
-            let b = store.load::<B, 1>(&format!("{pre}{name}.bias"), [out], false, device, dtype)?;
-            Ok(Linear { w, b: Some(b) })
+        let lin = |name: &str, out: usize, inp: usize| {
+            Linear::<B>::load_biased(store, &format!("{pre}{name}"), out, inp, device, dtype)
         };
-        let norm = |name: &str| -> Result<LayerNorm<B>, LoadError> {
-            Ok(LayerNorm {
-                w: store.load::<B, 1>(&format!("{pre}{name}.weight"), [h], false, device, dtype)?,
-                b: store.load::<B, 1>(&format!("{pre}{name}.bias"), [h], false, device, dtype)?,
-                eps: cfg.layer_norm_eps,
-            })
-        };
+        let norm =
+            |name: &str| LayerNorm::<B>::load(store, &format!("{pre}{name}"), h, cfg.layer_norm_eps, device, dtype);
         let word = store.load::<B, 2>(
             &format!("{pre}embeddings.word_embeddings.weight"),
             [cfg.vocab_size, h],

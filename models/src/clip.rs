@@ -184,18 +184,11 @@ impl<B: Backend> ClipTextModel<B> {
     ) -> Result<Self, LoadError> {
         let pre = weight_prefix(store)?;
         let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
-        let lin = |name: &str, out: usize, inp: usize| -> Result<Linear<B>, LoadError> {
-            let w = store.load::<B, 2>(&format!("{pre}{name}.weight"), [out, inp], true, device, dtype)?;
-            let b = store.load::<B, 1>(&format!("{pre}{name}.bias"), [out], false, device, dtype)?;
-            Ok(Linear { w, b: Some(b) })
+        let lin = |name: &str, out: usize, inp: usize| {
+            Linear::<B>::load_biased(store, &format!("{pre}{name}"), out, inp, device, dtype)
         };
-        let norm = |name: &str| -> Result<LayerNorm<B>, LoadError> {
-            Ok(LayerNorm {
-                w: store.load::<B, 1>(&format!("{pre}{name}.weight"), [h], false, device, dtype)?,
-                b: store.load::<B, 1>(&format!("{pre}{name}.bias"), [h], false, device, dtype)?,
-                eps: cfg.layer_norm_eps,
-            })
-        };
+        let norm =
+            |name: &str| LayerNorm::<B>::load(store, &format!("{pre}{name}"), h, cfg.layer_norm_eps, device, dtype);
         let token_embedding = store.load::<B, 2>(
             &format!("{pre}embeddings.token_embedding.weight"),
             [cfg.vocab_size, h],

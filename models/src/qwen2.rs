@@ -22,6 +22,21 @@ pub struct Linear<B: Backend> {
 }
 
 impl<B: Backend> Linear<B> {
+    /// Loads `{name}.weight` (HF `[out, in]`, stored transposed for `x.matmul(w)`) and
+    /// `{name}.bias`.
+    pub fn load_biased(
+        store: &WeightStore,
+        name: &str,
+        out: usize,
+        inp: usize,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self, LoadError> {
+        let w = store.load::<B, 2>(&format!("{name}.weight"), [out, inp], true, device, dtype)?;
+        let b = store.load::<B, 1>(&format!("{name}.bias"), [out], false, device, dtype)?;
+        Ok(Linear { w, b: Some(b) })
+    }
+
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let y = x.matmul(self.w.clone());
         match &self.b {

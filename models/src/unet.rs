@@ -29,6 +29,7 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType as BurnDType, Tensor};
 use serde_json::Value;
 
+use crate::bert::LayerNorm;
 use crate::qwen2::Linear;
 use crate::weights::tensor_from_f32;
 use crate::{DType, LoadError};
@@ -178,25 +179,6 @@ impl<B: Backend> GroupNorm<B> {
         let var = centered.clone().square().mean_dim(2);
         let y = (centered * var.add_scalar(self.eps).sqrt().recip()).reshape([b, c, h, w]).cast(dtype);
         y * self.w.clone().reshape([1, c, 1, 1]) + self.b.clone().reshape([1, c, 1, 1])
-    }
-}
-
-/// `torch.nn.LayerNorm` over the last dimension of `[N, C]`, statistics in f32.
-pub struct LayerNorm<B: Backend> {
-    pub w: Tensor<B, 1>,
-    pub b: Tensor<B, 1>,
-    pub eps: f64,
-}
-
-impl<B: Backend> LayerNorm<B> {
-    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let dtype = x.dtype();
-        let xf = x.cast(BurnDType::F32);
-        let mean = xf.clone().mean_dim(1);
-        let centered = xf - mean;
-        let var = centered.clone().square().mean_dim(1);
-        let y = centered * var.add_scalar(self.eps).sqrt().recip();
-        y.cast(dtype) * self.w.clone().unsqueeze::<2>() + self.b.clone().unsqueeze::<2>()
     }
 }
 

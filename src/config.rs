@@ -204,17 +204,15 @@ fn de_device<'de, D: Deserializer<'de>>(d: D) -> Result<DeviceSpec, D::Error> {
     s.parse().map_err(serde::de::Error::custom)
 }
 
+/// The name of a model folder (its canonical path's last component), e.g. for `--model DIR`.
+pub fn folder_name(dir: &Path) -> Option<String> {
+    dir.canonicalize().ok().as_deref().unwrap_or(dir).file_name().map(|n| n.to_string_lossy().into_owned())
+}
+
 impl ModelConfig {
     /// A model entry with default options, named after its folder (for `kiln serve --model DIR`).
     pub fn from_dir(dir: &Path) -> ModelConfig {
-        let name = dir
-            .canonicalize()
-            .ok()
-            .as_deref()
-            .unwrap_or(dir)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".to_string());
+        let name = folder_name(dir).unwrap_or_else(|| "model".to_string());
         ModelConfig {
             name,
             path: dir.to_path_buf(),

@@ -57,14 +57,7 @@ impl CorpusEmbedder {
         let opts = EmbeddingEngineOptions { device, max_batch_tokens, ..EmbeddingEngineOptions::default() };
         let engine = EmbeddingEngine::load(dir, &opts)
             .with_context(|| format!("loading the embedding model at {}", dir.display()))?;
-        let name = dir
-            .canonicalize()
-            .ok()
-            .as_deref()
-            .unwrap_or(dir)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = crate::config::folder_name(dir).unwrap_or_default();
         Ok(CorpusEmbedder { model, engine, name, max_batch_tokens: max_batch_tokens.max(1) })
     }
 

@@ -118,3 +118,20 @@ impl EmbeddingBackend {
         kiln_actors::embed_inputs(&self.handle, inputs).await
     }
 }
+
+/// A served image-generation model: its batcher (kiln-actors' `ImageStream` drives it).
+pub struct ImageBackend {
+    pub handle: BatcherHandle<kiln_models::DiffusionEngine>,
+    /// The model's metrics (request latency and outcomes are recorded by the API).
+    pub metrics: ModelMetrics,
+}
+
+impl ImageBackend {
+    /// Submits every image of a request; dropping the stream cancels the ones still running.
+    pub async fn start(
+        &self,
+        requests: Vec<kiln_actors::ImageRequest>,
+    ) -> Result<kiln_actors::ImageStream<kiln_models::DiffusionEngine>, SubmitError> {
+        kiln_actors::ImageStream::start(&self.handle, requests).await
+    }
+}

@@ -106,6 +106,34 @@ pub struct ModelConfig {
     /// are resolved from the config file's folder. The API then serves its reduced vectors.
     #[serde(default)]
     pub projection: Option<PathBuf>,
+    /// Image models: the largest image served, in pixels (width x height). Default: twice the
+    /// pixels of the resolution the model was trained at (524288 for SD 1.5's 512x512).
+    #[serde(default)]
+    pub max_image_pixels: Option<usize>,
+    /// Image models: the largest width or height. Default: twice the trained side.
+    #[serde(default)]
+    pub max_image_side: Option<usize>,
+    /// Image models: images of the largest size one UNet forward may hold; with
+    /// `max_image_pixels` it sizes the activation reserve, and smaller images batch more
+    /// (up to `max_running` images in flight).
+    #[serde(default = "default_max_batch_images")]
+    pub max_batch_images: usize,
+    /// Image models: the most denoising steps a request may ask for.
+    #[serde(default = "default_max_steps")]
+    pub max_steps: usize,
+    /// Image models: steps when a request gives none.
+    #[serde(default = "default_image_steps")]
+    pub default_steps: usize,
+}
+
+fn default_max_batch_images() -> usize {
+    4
+}
+fn default_max_steps() -> usize {
+    150
+}
+fn default_image_steps() -> usize {
+    30
 }
 
 fn default_block_size() -> usize {
@@ -228,6 +256,11 @@ impl ModelConfig {
             max_model_len: None,
             preload: true,
             projection: None,
+            max_image_pixels: None,
+            max_image_side: None,
+            max_batch_images: default_max_batch_images(),
+            max_steps: default_max_steps(),
+            default_steps: default_image_steps(),
         }
     }
 }

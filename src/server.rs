@@ -20,7 +20,7 @@ use kiln_models::{
 };
 use tokio::sync::watch;
 
-use crate::backend::{BatcherBackend, EmbeddingBackend, TextBackend, TextTokenizer};
+use crate::backend::{BatcherBackend, EmbeddingBackend, ImageBackend, TextBackend, TextTokenizer};
 use crate::config::{Config, ModelConfig};
 use crate::error::ApiError;
 
@@ -29,6 +29,7 @@ use crate::error::ApiError;
 pub enum Backend {
     Text(Arc<dyn TextBackend>),
     Embedding(Arc<EmbeddingBackend>),
+    Image(Arc<ImageBackend>),
 }
 
 impl Backend {
@@ -36,6 +37,7 @@ impl Backend {
         match self {
             Backend::Text(b) => b.spec(),
             Backend::Embedding(b) => b.handle.spec().clone(),
+            Backend::Image(b) => b.handle.spec().clone(),
         }
     }
 
@@ -43,6 +45,7 @@ impl Backend {
         match self {
             Backend::Text(b) => b.stats().await,
             Backend::Embedding(b) => b.handle.stats().await,
+            Backend::Image(b) => b.handle.stats().await,
         }
     }
 
@@ -50,6 +53,7 @@ impl Backend {
         match self {
             Backend::Text(b) => b.stop(),
             Backend::Embedding(b) => b.handle.stop(),
+            Backend::Image(b) => b.handle.stop(),
         }
     }
 
@@ -58,6 +62,7 @@ impl Backend {
         match self {
             Backend::Text(b) => b.memory(),
             Backend::Embedding(b) => b.handle.memory(),
+            Backend::Image(b) => b.handle.memory(),
         }
     }
 
@@ -66,6 +71,7 @@ impl Backend {
         match self {
             Backend::Text(b) => b.engine_exited().await,
             Backend::Embedding(b) => b.handle.engine_exited().await,
+            Backend::Image(b) => b.handle.engine_exited().await,
         }
     }
 }
@@ -245,11 +251,41 @@ impl EmbeddingModel {
     }
 }
 
+/// What a diffusers folder says, known before its weights load, with the limits the server
+/// applies to its requests.
+pub struct ImageModel {
+    pub info: kiln_models::DiffusionInfo,
+    pub tokenizer: kiln_models::clip::ClipTokenizer,
+    /// Largest width x height, and largest side, in pixels.
+    pub max_pixels: usize,
+    pub max_side: usize,
+    pub max_steps: usize,
+    pub default_steps: usize,
+}
+
+impl ImageModel {
+    pub fn from_config(m: &ModelConfig) -> anyhow::Result<ImageModel> {
+        let info = kiln_models::DiffusionInfo::from_dir(&m.path)?;
+        let tokenizer = kiln_models::clip::ClipTokenizer::from_dir(&m.path.join("tokenizer"))?;
+        let (w, h) = (info.default_width, info.default_height);
+        let max_steps = m.max_steps.clamp(1, info.scheduler.num_train_timesteps);
+        Ok(ImageModel {
+            max_pixels: m.max_image_pixels.unwrap_or(2 * w * h),
+            max_side: m.max_image_side.unwrap_or(2 * w.max(h)),
+            max_steps,
+            default_steps: m.default_steps.clamp(1, max_steps),
+            info,
+            tokenizer,
+        })
+    }
+}
+
 /// What a served model does, with the server side of its tokenizer.
 #[derive(Clone)]
 pub enum ModelKind {
     Text(Arc<dyn TextTokenizer>),
     Embedding(Arc<EmbeddingModel>),
+    Image(Arc<ImageModel>),
 }
 
 /// One served model.
@@ -441,6 +477,38 @@ impl ModelEntry {
                     self.name
                 ),
             )),
+            ModelKind::Image(_) => Err(self.image_model_error("text generation")),
+        }
+    }
+
+    fn image_model_error(&self, what: &str) -> ApiError {
+        ApiError::param(
+            "model",
+            format!(
+                "the model `{}` is an image-generation model: it serves /v1/images/generations and \
+                 /v1/images/edits (or the WebSocket `image` message), not {what}",
+                self.name
+            ),
+        )
+    }
+
+    /// The facts of an image model; a clear 400 for another family.
+    pub fn image_model(&self) -> Result<&Arc<ImageModel>, ApiError> {
+        match &self.kind {
+            ModelKind::Image(m) => Ok(m),
+            _ => Err(ApiError::param(
+                "model",
+                format!("the model `{}` does not generate images (see /v1/models for the image models)", self.name),
+            )),
+        }
+    }
+
+    /// The image model's backend, loading it first if needed.
+    pub async fn image_backend(self: &Arc<Self>) -> Result<Arc<ImageBackend>, ApiError> {
+        self.image_model()?;
+        match self.loaded().await? {
+            Backend::Image(b) => Ok(b),
+            _ => Err(ApiError::Internal(format!("model {} loaded the wrong backend", self.name))),
         }
     }
 
@@ -456,6 +524,7 @@ impl ModelEntry {
                     self.name
                 ),
             )),
+            ModelKind::Image(_) => Err(self.image_model_error("embeddings")),
         }
     }
 
@@ -519,7 +588,7 @@ impl ModelEntry {
         self.text_tokenizer()?;
         match self.loaded().await? {
             Backend::Text(b) => Ok(b),
-            Backend::Embedding(_) => Err(ApiError::Internal(format!("model {} loaded the wrong backend", self.name))),
+            _ => Err(ApiError::Internal(format!("model {} loaded the wrong backend", self.name))),
         }
     }
 
@@ -528,7 +597,7 @@ impl ModelEntry {
         self.embedding_model()?;
         match self.loaded().await? {
             Backend::Embedding(b) => Ok(b),
-            Backend::Text(_) => Err(ApiError::Internal(format!("model {} loaded the wrong backend", self.name))),
+            _ => Err(ApiError::Internal(format!("model {} loaded the wrong backend", self.name))),
         }
     }
 
@@ -814,38 +883,52 @@ fn resolve_auto_kv(
     if models.iter().all(|m| m.kv_cache_tokens.tokens().is_some()) {
         return Ok(());
     }
-    // Per model: its device ledger and what the estimate says.
+    // Per model: its device ledger, its fixed bytes (weights + activation reserve) and, for
+    // text models, the estimate and context its KV claim is made of.
+    struct Facts {
+        ledger: Option<Arc<DeviceLedger>>,
+        fixed: u64,
+        text: Option<(kiln_models::memory::ModelMemory, usize)>,
+    }
     let mut facts = Vec::new();
     for m in models.iter() {
         let ledger = device_ledger(m, server, ledgers)?;
+        if detect_family(&m.path).ok() == Some(Family::Diffusion) {
+            let mem = image_memory(m)?;
+            facts.push(Facts { ledger, fixed: mem.weights + mem.activations, text: None });
+            continue;
+        }
         let mem = kiln_models::memory::estimate(&m.path, m.dtype).with_context(|| format!("model {:?}", m.name))?;
         let positions = mem.shape.max_positions.max(1);
         let context = m.max_model_len.unwrap_or(positions).min(positions);
         let activations = kiln_models::memory::activation_bytes(&mem, m.max_batch_tokens, m.max_running, context);
-        facts.push((ledger, mem, context, activations));
+        let fixed = mem.weights_bytes + activations;
+        let text = mem.is_text().then_some((mem, context));
+        facts.push(Facts { ledger, fixed, text });
     }
     let devices: Vec<Arc<DeviceLedger>> = ledgers.values().cloned().collect();
     for ledger in devices {
         let on: Vec<usize> =
-            (0..models.len()).filter(|&i| facts[i].0.as_ref().is_some_and(|l| Arc::ptr_eq(l, &ledger))).collect();
-        let fixed: u64 = on.iter().map(|&i| facts[i].1.weights_bytes + facts[i].3).sum();
+            (0..models.len()).filter(|&i| facts[i].ledger.as_ref().is_some_and(|l| Arc::ptr_eq(l, &ledger))).collect();
+        let fixed: u64 = on.iter().map(|&i| facts[i].fixed).sum();
         let usable = ledger.capacity().saturating_sub(fixed);
-        let text: Vec<usize> = on.iter().copied().filter(|&i| facts[i].1.is_text()).collect();
+        let text: Vec<(usize, &kiln_models::memory::ModelMemory, usize)> =
+            on.iter().filter_map(|&i| facts[i].text.as_ref().map(|(mem, ctx)| (i, mem, *ctx))).collect();
         let claims: Vec<crate::plan::KvClaim> = text
             .iter()
-            .map(|&i| crate::plan::KvClaim {
+            .map(|&(i, mem, context)| crate::plan::KvClaim {
                 tokens: models[i].kv_cache_tokens.tokens(),
-                kv_bytes_per_token: facts[i].1.kv_bytes_per_token,
-                cap_tokens: models[i].max_running * facts[i].2.div_ceil(models[i].block_size) * models[i].block_size,
+                kv_bytes_per_token: mem.kv_bytes_per_token,
+                cap_tokens: models[i].max_running * context.div_ceil(models[i].block_size) * models[i].block_size,
             })
             .collect();
         let shares = crate::plan::kv_shares(&claims, usable);
-        for (&i, share) in text.iter().zip(shares) {
+        for (&(i, mem, _), share) in text.iter().zip(shares) {
             let m = &mut models[i];
             if m.kv_cache_tokens.tokens().is_some() {
                 continue;
             }
-            let block_bytes = facts[i].1.kv_bytes_per_token.max(1) * m.block_size as u64;
+            let block_bytes = mem.kv_bytes_per_token.max(1) * m.block_size as u64;
             let tokens = (share / block_bytes) as usize * m.block_size;
             anyhow::ensure!(
                 tokens > 0,
@@ -856,7 +939,7 @@ fn resolve_auto_kv(
                 human_bytes(ledger.capacity()),
                 human_bytes(fixed)
             );
-            tracing::info!(model = %m.name, device = ledger.device(), kv_tokens = tokens, kv = %human_bytes(tokens as u64 * facts[i].1.kv_bytes_per_token), "kv_cache_tokens = auto");
+            tracing::info!(model = %m.name, device = ledger.device(), kv_tokens = tokens, kv = %human_bytes(tokens as u64 * mem.kv_bytes_per_token), "kv_cache_tokens = auto");
             m.kv_cache_tokens = crate::config::KvCacheTokens::Tokens(tokens);
         }
     }
@@ -876,6 +959,9 @@ fn resolve_auto_kv(
 /// What `m` will reserve before loading: checkpoint weights in the configured dtype, the KV
 /// pool it asks for, and the activation reserve of its largest step (`kiln plan`'s formula).
 fn estimate_memory(m: &ModelConfig) -> anyhow::Result<MemoryBytes> {
+    if detect_family(&m.path).ok() == Some(Family::Diffusion) {
+        return image_memory(m);
+    }
     let mem = kiln_models::memory::estimate(&m.path, m.dtype).with_context(|| format!("model {:?}", m.name))?;
     let positions = mem.shape.max_positions.max(1);
     if mem.is_text() {
@@ -904,13 +990,57 @@ fn model_entry(m: &ModelConfig, metrics: &Metrics, wiring: &Wiring) -> anyhow::R
     match family {
         Family::TextGeneration => text_model_entry(m, metrics, wiring),
         Family::Embedding => embedding_model_entry(m, metrics, wiring),
-        Family::Diffusion => anyhow::bail!(
-            "model {:?} at {}: the {family:?} family is not yet supported by the server \
-             (text generation and embeddings only for now)",
-            m.name,
-            m.path.display()
-        ),
+        Family::Diffusion => image_model_entry(m, metrics, wiring),
     }
+}
+
+/// A diffusers folder: its tokenizer and limits now, a `DiffusionEngine` batcher on load.
+/// Reuses `device`, `dtype`, `max_running` (images in flight) and `max_waiting`.
+fn image_model_entry(m: &ModelConfig, metrics: &Metrics, wiring: &Wiring) -> anyhow::Result<Arc<ModelEntry>> {
+    let dir: PathBuf = m.path.clone();
+    let model = Arc::new(
+        ImageModel::from_config(m)
+            .with_context(|| format!("model {:?} at {}: reading the diffusion pipeline", m.name, dir.display()))?,
+    );
+    let opts = kiln_models::DiffusionEngineOptions {
+        device: m.device,
+        dtype: m.dtype,
+        max_running: m.max_running,
+        max_pixels: model.max_pixels,
+        max_batch_images: m.max_batch_images,
+        max_steps: model.max_steps,
+        warmup: true,
+    };
+    let batcher_config = wiring.batcher_config(m);
+    let model_metrics = metrics.for_model(&m.name);
+    let name = m.name.clone();
+    let loader: BackendLoader = Arc::new(move || {
+        let dir = dir.clone();
+        let opts = opts.clone();
+        let make_engine = Arc::new(move || {
+            kiln_models::DiffusionEngine::load(&dir, &opts).map_err(|e| EngineError::Load(e.to_string()))
+        });
+        let (name, config, metrics) = (name.clone(), batcher_config.clone(), model_metrics.clone());
+        Box::pin(async move {
+            let handle = spawn_batcher(name, make_engine, config, metrics.clone()).await.map_err(|e| e.to_string())?;
+            Ok(Backend::Image(Arc::new(ImageBackend { handle, metrics })))
+        })
+    });
+    Ok(ModelEntry::with_kind(m.name.clone(), m.demo, m.preload, ModelKind::Image(model), loader))
+}
+
+/// What an image model reserves: its three components' weights and the workspace of one
+/// forward of `max_batch_images` images of the largest size (UNet with guidance, then their
+/// VAE decode).
+fn image_memory(m: &ModelConfig) -> anyhow::Result<MemoryBytes> {
+    let model = ImageModel::from_config(m).with_context(|| format!("model {:?}", m.name))?;
+    let mult = model.info.size_multiple.max(1);
+    let side = (((model.max_pixels as f64).sqrt() as usize) / mult).max(1) * mult;
+    Ok(MemoryBytes {
+        weights: model.info.weights_bytes(m.dtype),
+        kv: 0,
+        activations: model.info.activation_bytes(side, side, m.max_batch_images.max(1), m.dtype),
+    })
 }
 
 /// A sentence-transformers folder: its tokenizer now, an `EmbeddingEngine` batcher on load.

@@ -6,6 +6,7 @@ pub mod batcher;
 pub mod detok;
 pub mod embed;
 pub mod engine;
+pub mod image;
 pub mod kv;
 pub mod ledger;
 pub mod metrics;
@@ -22,6 +23,7 @@ pub use batcher::{
 pub use detok::Detokenize;
 pub use embed::{embed_inputs, EmbedError, EmbedOutput, EmbedRequest};
 pub use engine::{Engine, EngineError, EngineSpec, FinishReason, ScheduledSeq, SeqId, SeqOutput, SeqRequest, StepPlan};
+pub use image::{ImageEvent, ImageOutput, ImageRequest, ImageStream, InitImage, RgbImage};
 pub use ledger::{DeviceLedger, MemoryBytes, MemoryKind, OutOfMemory, Reservation};
 pub use metrics::{Metrics, ModelMetrics};
 pub use request::{start_generation, ClientEvent, Generation, TopLogprob};

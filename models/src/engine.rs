@@ -104,7 +104,7 @@ enum Inner {
 /// Bytes the CUDA memory pools of device `n` hold (what they reserved, which they keep after
 /// a step: the growth over a warm-up step is its workspace). `None` if unavailable.
 #[cfg(feature = "cuda")]
-fn cuda_reserved_bytes(n: usize) -> Option<u64> {
+pub(crate) fn cuda_reserved_bytes(n: usize) -> Option<u64> {
     use cubecl::Runtime;
     std::panic::catch_unwind(|| {
         let client = cubecl::cuda::CudaRuntime::client(&cubecl::cuda::CudaDevice::new(n));

@@ -5,6 +5,7 @@ pub mod backend;
 pub mod bert;
 pub mod clip;
 pub mod config;
+pub mod diffusion;
 pub mod embed;
 pub mod engine;
 #[cfg(feature = "flex")]
@@ -17,6 +18,7 @@ pub mod unet;
 pub mod vae;
 pub mod weights;
 
+pub use diffusion::{DiffusionEngine, DiffusionEngineOptions, DiffusionInfo};
 pub use embed::{EmbeddingEngine, EmbeddingEngineOptions, EmbeddingModelInfo, EmbeddingTokenizer};
 pub use engine::{TextEngine, TextEngineOptions, TextModelInfo};
 pub use tokenizer::{ChatMessage, HfTokenizer};

@@ -557,6 +557,9 @@ pub struct Scheduler<T> {
     euler_at_final: bool,
     final_sigma_zero: bool,
     step_index: usize,
+    /// The first step run (img2img starts part-way through the schedule); PNDM counts its
+    /// warm-up from here.
+    begin: usize,
     history: History<T>,
 }
 
@@ -594,6 +597,7 @@ impl<T: Latents> Scheduler<T> {
             euler_at_final: cfg.euler_at_final,
             final_sigma_zero: !cfg.final_sigma_min,
             step_index: 0,
+            begin: 0,
             history: History::None,
         };
         let offset = cfg.steps_offset as f64;
@@ -783,6 +787,51 @@ impl<T: Latents> Scheduler<T> {
 
     pub fn is_done(&self) -> bool {
         self.step_index >= self.timesteps.len()
+    }
+
+    /// Starts the schedule at step `index` (diffusers' `set_begin_index`, which img2img uses
+    /// to skip the noisiest `index` steps). Only before the first `step()`.
+    pub fn begin_at(&mut self, index: usize) -> Result<(), SchedulerError> {
+        if self.step_index != self.begin {
+            return Err(SchedulerError::Step("begin_at after the first step".into()));
+        }
+        if index >= self.timesteps.len() {
+            return Err(SchedulerError::Step(format!("cannot begin at step {index} of {}", self.timesteps.len())));
+        }
+        self.step_index = index;
+        self.begin = index;
+        Ok(())
+    }
+
+    /// `step()` calls left.
+    pub fn steps_left(&self) -> usize {
+        self.timesteps.len().saturating_sub(self.step_index)
+    }
+
+    /// `original` noised to the current step's noise level (diffusers' `add_noise` at the
+    /// begin index): what img2img denoises from.
+    pub fn add_noise(&self, original: &T, noise: &T) -> Result<T, SchedulerError> {
+        if original.num_elements() != noise.num_elements() {
+            return Err(SchedulerError::Step(format!(
+                "noise has {} values, the sample {}",
+                noise.num_elements(),
+                original.num_elements()
+            )));
+        }
+        let i = self.step_index;
+        Ok(match self.kind {
+            SchedulerKind::Euler | SchedulerKind::EulerAncestral => original.lincomb(1.0, noise, self.sigmas[i] as f64),
+            SchedulerKind::DpmSolverMultistep => {
+                let sigma = self.sigmas[i];
+                let alpha = 1.0f32 / (sigma * sigma + 1.0).sqrt();
+                original.lincomb(alpha as f64, noise, (sigma * alpha) as f64)
+            }
+            SchedulerKind::Ddim | SchedulerKind::Pndm => {
+                let t = self.timesteps.get(i).copied().ok_or_else(|| SchedulerError::Step("no steps left".into()))?;
+                let a = self.alpha_at(t as i64)?;
+                original.lincomb(a.sqrt() as f64, noise, (1.0f32 - a).sqrt() as f64)
+            }
+        })
     }
 
     /// The timestep of the next `step()`, `None` when done.
@@ -985,9 +1034,9 @@ impl<T: Latents> Scheduler<T> {
     }
 
     fn step_pndm(&mut self, out: &T, sample: &T) -> Result<T, SchedulerError> {
-        let counter = self.step_index;
+        let counter = self.step_index - self.begin;
         let t_ratio = (self.num_train_timesteps / self.num_inference_steps) as i64;
-        let timestep = self.timesteps[counter] as i64;
+        let timestep = self.timesteps[self.step_index] as i64;
         let prk = counter < self.prk_len;
         let History::Pndm { ets, cur_sample, cur_model_output } = &mut self.history else {
             unreachable!("PNDM history")
@@ -995,7 +1044,7 @@ impl<T: Latents> Scheduler<T> {
         let (x, t, prev_t, eps) = if prk {
             let diff = if counter % 2 == 1 { 0 } else { t_ratio / 2 };
             let prev_t = timestep - diff;
-            let t = self.timesteps[counter / 4 * 4] as i64;
+            let t = self.timesteps[self.begin + counter / 4 * 4] as i64;
             let eps = match counter % 4 {
                 0 => {
                     *cur_model_output = Some(out.scale(1.0 / 6.0));

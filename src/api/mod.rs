@@ -146,6 +146,18 @@ async fn list_models(State(state): State<AppState>) -> Json<Value> {
                 kiln["prompts"] = json!(e.prompts);
                 kiln["default_prompt_name"] = json!(e.default_prompt_name);
             }
+            ModelKind::Image(i) => {
+                kiln["family"] = json!("image-generation");
+                kiln["pipeline"] = json!(i.info.pipeline_class);
+                kiln["default_size"] = json!(format!("{}x{}", i.info.default_width, i.info.default_height));
+                kiln["size_multiple"] = json!(i.info.size_multiple);
+                kiln["max_pixels"] = json!(i.max_pixels);
+                kiln["max_side"] = json!(i.max_side);
+                kiln["default_steps"] = json!(i.default_steps);
+                kiln["max_steps"] = json!(i.max_steps);
+                kiln["scheduler"] = json!(i.info.scheduler.kind.name());
+                kiln["schedulers"] = json!(kiln_models::diffusion::scheduler_names());
+            }
         }
         if let Some(h) = health.get(&m.name) {
             kiln["batcher"] = json!(health_str(h));

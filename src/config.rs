@@ -437,13 +437,17 @@ mod tests {
     #[test]
     fn shipped_configs_parse() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        for f in ["config/default.toml", "config/qwen2.5-3b-instruct.toml", "config/minilm.toml"] {
+        for f in ["config/qwen2.5-3b-instruct.toml", "config/minilm.toml", "config/sd15.toml"] {
             let c = Config::load(&root.join(f)).unwrap();
             assert_eq!(c.models.len(), 1, "{f}");
         }
         let c = Config::load(&root.join("config/default.toml")).unwrap();
+        assert_eq!(c.models.len(), 2);
         assert_eq!(c.models[0].name, "kiln-demo");
         assert!(c.models[0].demo);
         assert!(c.models[0].path.ends_with("tests/fixtures/qwen2-tied-gqa"));
+        assert_eq!(c.models[1].name, "sd-demo");
+        assert!(c.models[1].path.ends_with("tests/fixtures/sd-tiny/sd15"));
+        assert_eq!((c.models[1].max_image_side, c.models[1].max_batch_images), (Some(64), 4));
     }
 }

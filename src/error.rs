@@ -25,6 +25,9 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("no route for {0}")]
     RouteNotFound(String),
+    /// A resource that does not exist (or no longer does), e.g. an expired stored image.
+    #[error("{0}")]
+    NotFound(String),
     #[error("{0} does not accept this method")]
     MethodNotAllowed(String),
     #[error("the server is overloaded; retry after {retry_after_s} s")]
@@ -58,7 +61,7 @@ impl ApiError {
             | ApiError::Unsupported(_) => StatusCode::BAD_REQUEST,
             ApiError::InvalidType { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) | ApiError::Draining { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -86,7 +89,7 @@ impl ApiError {
             ApiError::ContextLength { .. } => "context_length_exceeded",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::ModelNotFound(_) => "model_not_found",
-            ApiError::RouteNotFound(_) => "not_found",
+            ApiError::RouteNotFound(_) | ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::Unavailable(_) => "model_unavailable",

@@ -5,13 +5,16 @@
 pub mod api;
 pub mod backend;
 pub mod bench;
+pub mod bench_images;
 pub mod config;
 pub mod corpus;
 pub mod error;
+pub mod image_store;
 pub mod index;
 pub mod pca;
 pub mod plan;
 pub mod server;
+pub mod upload;
 pub mod validation;
 pub mod ws;
 

@@ -22,6 +22,8 @@ enum Command {
     Serve(ServeArgs),
     /// Benchmark generation on one model folder at several concurrencies (in process).
     Bench(kiln::bench::BenchArgs),
+    /// Benchmark image generation on one diffusers folder at several concurrencies (in process).
+    BenchImages(kiln::bench_images::BenchImagesArgs),
     /// Plan GPU memory: per model weights, KV capacity and whether the set fits a 24/48/80 GB card.
     Plan(kiln::plan::PlanArgs),
     /// Dimensionality reduction of an embedding model's vectors (PCA projections).
@@ -63,6 +65,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Bench(args) => kiln::bench::run(args),
+        Command::BenchImages(args) => kiln::bench_images::run(args),
         Command::Plan(args) => kiln::plan::run(args),
         Command::Pca(cmd) => kiln::pca::run(cmd),
         Command::Index(cmd) => kiln::index::run(cmd),

@@ -125,11 +125,16 @@ impl ModelEntry {
     pub fn new(m: &ModelConfig, context: usize) -> anyhow::Result<ModelEntry> {
         let mut memory = estimate(&m.path, m.dtype).with_context(|| format!("model {:?}", m.name))?;
         let limit = m.max_model_len.unwrap_or(usize::MAX).min(memory.shape.max_positions);
-        let ctx = context.min(limit).max(1);
+        let image = memory.family == "image-generation";
+        let ctx = if image { context } else { context.min(limit).max(1) };
         if ctx < context {
             memory.notes.push(format!("context capped at {ctx} tokens (the model's limit)"));
         }
-        let activation = activation_bytes(&memory, m.max_batch_tokens, m.max_running, ctx);
+        let activation = if image {
+            crate::server::image_memory(m)?.activations
+        } else {
+            activation_bytes(&memory, m.max_batch_tokens, m.max_running, ctx)
+        };
         Ok(ModelEntry {
             name: m.name.clone(),
             path: m.path.clone(),

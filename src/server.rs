@@ -569,7 +569,7 @@ impl ModelEntry {
                             kv = %human_bytes(memory.kv),
                             activations = %human_bytes(memory.activations),
                             "model ready{}",
-                            if entry.demo { " (random-weight demo: its text is noise)" } else { "" }
+                            if entry.demo { " (random-weight demo: its outputs are noise)" } else { "" }
                         );
                         LoadState::Ready(backend)
                     }
@@ -669,6 +669,8 @@ pub struct AppState {
     pub drain_timeout: Duration,
     /// Test-only fault switches by model (`[server] fault_injection = true`).
     pub faults: Option<Arc<std::collections::BTreeMap<String, Arc<FaultSwitch>>>>,
+    /// Generated images kept for `response_format: "url"` (`GET /v1/images/{id}.png`).
+    pub images: Arc<crate::image_store::ImageStore>,
 }
 
 impl AppState {
@@ -686,6 +688,7 @@ impl AppState {
             ledgers: Vec::new(),
             drain_timeout: Duration::from_secs(crate::config::ServerConfig::default().drain_timeout_s),
             faults: None,
+            images: Default::default(),
         }
     }
 
@@ -1032,7 +1035,7 @@ fn image_model_entry(m: &ModelConfig, metrics: &Metrics, wiring: &Wiring) -> any
 /// What an image model reserves: its three components' weights and the workspace of one
 /// forward of `max_batch_images` images of the largest size (UNet with guidance, then their
 /// VAE decode).
-fn image_memory(m: &ModelConfig) -> anyhow::Result<MemoryBytes> {
+pub(crate) fn image_memory(m: &ModelConfig) -> anyhow::Result<MemoryBytes> {
     let model = ImageModel::from_config(m).with_context(|| format!("model {:?}", m.name))?;
     let mult = model.info.size_multiple.max(1);
     let side = (((model.max_pixels as f64).sqrt() as usize) / mult).max(1) * mult;

@@ -3,8 +3,9 @@
 //! drive it with channels.
 //!
 //! Client → server: `{"type":"generate","id":..., <chat or completions fields>}`,
-//! `{"type":"embed","id":..., <embeddings fields>}`, `{"type":"cancel","id":...}`.
-//! Server → client: `token`, `done`, `embedding`, `error` events.
+//! `{"type":"embed","id":..., <embeddings fields>}`, `{"type":"image","id":..., <image generation
+//! fields>}`, `{"type":"cancel","id":...}`.
+//! Server → client: `token`, `done`, `embedding`, `image_step`, `image`, `error` events.
 //! Closing the socket cancels every generation it started (their receivers are dropped).
 
 use std::collections::HashMap;
@@ -21,6 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::embeddings::{embed, EmbeddingBody};
 use crate::api::from_value;
+use crate::api::images::{image_item, prepare, step_fields, ImageBody, ImageJob, JobEvent};
 use crate::api::openai::{missing, submit};
 use crate::api::types::CompletionBody;
 use crate::error::ApiError;
@@ -132,11 +134,11 @@ fn handle_message(
         return Some(error_event(
             id.as_deref(),
             "invalid_message",
-            "missing `type`: expected \"generate\", \"embed\" or \"cancel\"",
+            "missing `type`: expected \"generate\", \"embed\", \"image\" or \"cancel\"",
         ));
     };
     match kind {
-        "generate" | "embed" => {
+        "generate" | "embed" | "image" => {
             let Some(id) = id else {
                 return Some(error_event(
                     None,
@@ -164,10 +166,10 @@ fn handle_message(
             }
             let (cancel_tx, cancel_rx) = oneshot::channel();
             let (state, body, out) = (state.clone(), Value::Object(msg), out.clone());
-            let task = if kind == "embed" {
-                tokio::spawn(run_embedding(state, id.clone(), body, out, cancel_rx))
-            } else {
-                tokio::spawn(run_generation(state, id.clone(), body, out, cancel_rx))
+            let task = match kind {
+                "embed" => tokio::spawn(run_embedding(state, id.clone(), body, out, cancel_rx)),
+                "image" => tokio::spawn(run_image(state, id.clone(), body, out, cancel_rx)),
+                _ => tokio::spawn(run_generation(state, id.clone(), body, out, cancel_rx)),
             };
             active.insert(id, ActiveGeneration { cancel: Some(cancel_tx), task });
             None
@@ -187,7 +189,7 @@ fn handle_message(
         other => Some(error_event(
             id.as_deref(),
             "unknown_type",
-            &format!("unknown message type {other:?}: expected \"generate\", \"embed\" or \"cancel\""),
+            &format!("unknown message type {other:?}: expected \"generate\", \"embed\", \"image\" or \"cancel\""),
         )),
     }
 }
@@ -316,6 +318,106 @@ async fn run_embedding(
         _ = &mut cancel => done_event(&id, 0, "cancelled", 0, 0),
     };
     let _ = out.send(Outgoing { event, finished: Some(id) }).await;
+}
+
+/// Generates one `image` message's images: `image_step` events per denoising step (with a
+/// `preview` every `preview_every` steps), then per image an `image` event, or an `error` (it
+/// failed), or a `done` with `finish_reason` `cancelled`/`timeout` (no image). The id is free
+/// once every image has had its last event.
+async fn run_image(
+    state: AppState,
+    id: String,
+    body: Value,
+    out: mpsc::Sender<Outgoing>,
+    mut cancel: oneshot::Receiver<()>,
+) {
+    let setup = async {
+        let body: ImageBody = from_value(body)?;
+        let (entry, plan, requests) = prepare(&state, &body, true)?;
+        let job = ImageJob::start(&entry, &plan, requests).await?;
+        Ok::<_, ApiError>((plan, job))
+    };
+    let finished = |event: Value| Outgoing { event, finished: Some(id.clone()) };
+    let image_done =
+        |index: usize, reason: &str| json!({"type": "done", "id": id, "index": index, "finish_reason": reason});
+    let (plan, mut job) = tokio::select! {
+        r = setup => match r {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = out.send(finished(api_error_event(&id, &e))).await;
+                return;
+            }
+        },
+        _ = &mut cancel => {
+            let _ = out.send(finished(image_done(0, "cancelled"))).await;
+            return;
+        }
+    };
+    let mut open = vec![true; plan.n];
+    loop {
+        let ev = tokio::select! {
+            ev = job.next() => ev,
+            _ = &mut cancel => {
+                // Dropping the job cancels the images still running.
+                drop(job);
+                let pending: Vec<usize> = (0..plan.n).filter(|&i| open[i]).collect();
+                for (k, &i) in pending.iter().enumerate() {
+                    let e = image_done(i, "cancelled");
+                    let o = if k + 1 == pending.len() { finished(e) } else { Outgoing { event: e, finished: None } };
+                    let _ = out.send(o).await;
+                }
+                return;
+            }
+        };
+        let mut events = Vec::new();
+        match ev {
+            None => {
+                if open.contains(&true) {
+                    events.push(error_event(Some(&id), "internal_error", "the image request ended without finishing"));
+                    open.iter_mut().for_each(|o| *o = false);
+                } else {
+                    return;
+                }
+            }
+            Some(JobEvent::Step { index, step, total, timestep, elapsed_ms, preview }) => {
+                let mut v = step_fields(index, step, total, timestep, elapsed_ms, preview.as_deref());
+                v["type"] = json!("image_step");
+                v["id"] = json!(id);
+                events.push(v);
+            }
+            Some(JobEvent::Image { index, seed, png }) => {
+                let mut v = image_item(&state, plan.format, seed, png);
+                v["type"] = json!("image");
+                v["id"] = json!(id);
+                v["index"] = json!(index);
+                open[index] = false;
+                events.push(v);
+            }
+            Some(JobEvent::Failed { index, error }) => {
+                let mut v = api_error_event(&id, &error);
+                v["index"] = json!(index);
+                open[index] = false;
+                events.push(v);
+            }
+            Some(JobEvent::TimedOut { pending, .. }) => {
+                for i in pending {
+                    open[i] = false;
+                    events.push(image_done(i, "timeout"));
+                }
+            }
+        }
+        let last_batch = !open.contains(&true);
+        let count = events.len();
+        for (k, event) in events.into_iter().enumerate() {
+            let o = if last_batch && k + 1 == count { finished(event) } else { Outgoing { event, finished: None } };
+            if out.send(o).await.is_err() {
+                return;
+            }
+        }
+        if last_batch {
+            return;
+        }
+    }
 }
 
 fn done_event(id: &str, index: usize, finish_reason: &str, prompt_tokens: usize, completion_tokens: usize) -> Value {

@@ -77,7 +77,7 @@ fn fixture_arithmetic_matches_an_independent_computation() {
     let config = Config::load(&root().join("config/default.toml")).unwrap();
     let m = &config.models[0];
     let c: Value = serde_json::from_str(&std::fs::read_to_string(m.path.join("config.json")).unwrap()).unwrap();
-    let p = plan(&config.models, 4096, &[24 * GIB], 0.9).unwrap();
+    let p = plan(&config.models[..1], 4096, &[24 * GIB], 0.9).unwrap();
     let e = &p.models[0];
     // f32 in the default config; the context is capped by max_position_embeddings (512).
     let params = qwen2_params(&c);

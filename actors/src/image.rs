@@ -34,8 +34,14 @@ pub struct InitImage {
     pub image: RgbImage,
     /// How much of the schedule runs (diffusers' `strength`, in (0, 1]): the image is noised to
     /// the timestep `strength` of the way into the schedule and denoised from there, so
-    /// `floor(steps * strength)` steps run.
-    pub strength: f32,
+    /// [`img2img_steps`] steps run. f64 as in diffusers (Python floats): `10 * 0.3` is 2.999..., 2 steps.
+    pub strength: f64,
+}
+
+/// Denoising steps an img2img request of `steps` and `strength` runs: diffusers'
+/// `min(int(steps * strength), steps)`.
+pub fn img2img_steps(steps: usize, strength: f64) -> usize {
+    ((steps as f64 * strength).floor().max(0.0) as usize).min(steps)
 }
 
 /// One image to generate. Tokenization and validation happen before: the engine trusts it.
@@ -45,15 +51,15 @@ pub struct ImageRequest {
     pub prompt_ids: Vec<u32>,
     /// The negative prompt's ids ("" when none), used for classifier-free guidance.
     pub negative_ids: Vec<u32>,
-    /// Pixels; multiples of 8.
+    /// Pixels; multiples of the model's size multiple (`vae_scale * 2^downsamplings`, 64 for SD).
     pub width: usize,
     pub height: usize,
     /// Denoising steps of the schedule (`num_inference_steps`).
     pub steps: usize,
     /// Classifier-free guidance scale; <= 1 runs the conditional branch only.
     pub guidance_scale: f32,
-    /// A scheduler name (`ddim`, `euler`, `euler_a`, `dpm++2m`, `dpm++2m_karras`, `pndm`);
-    /// `None`: the model's `scheduler_config.json`.
+    /// A scheduler name (`ddim`, `euler`, `euler_a`, `dpmpp_2m`, `pndm`, with `_karras` for the
+    /// sigma-based ones); `None`: the model's `scheduler_config.json`.
     pub scheduler: Option<String>,
     /// Seeds the initial noise (and the ancestral sampler's noise): the same seed, prompt
     /// and settings give the same image, alone or batched with others.

@@ -23,7 +23,7 @@ pub use batcher::{
 pub use detok::Detokenize;
 pub use embed::{embed_inputs, EmbedError, EmbedOutput, EmbedRequest};
 pub use engine::{Engine, EngineError, EngineSpec, FinishReason, ScheduledSeq, SeqId, SeqOutput, SeqRequest, StepPlan};
-pub use image::{ImageEvent, ImageOutput, ImageRequest, ImageStream, InitImage, RgbImage};
+pub use image::{img2img_steps, ImageEvent, ImageOutput, ImageRequest, ImageStream, InitImage, RgbImage};
 pub use ledger::{DeviceLedger, MemoryBytes, MemoryKind, OutOfMemory, Reservation};
 pub use metrics::{Metrics, ModelMetrics};
 pub use request::{start_generation, ClientEvent, Generation, TopLogprob};

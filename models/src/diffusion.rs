@@ -598,7 +598,7 @@ impl<B: Backend> DiffusionPipeline<B> {
                 if init.image.width != req.width || init.image.height != req.height {
                     return Err("the init image must have the request's size".into());
                 }
-                let run = ((req.steps as f64 * init.strength as f64).floor() as usize).min(req.steps);
+                let run = kiln_actors::img2img_steps(req.steps, init.strength);
                 if run == 0 {
                     return Err(format!("strength {} runs no step of {}", init.strength, req.steps));
                 }

@@ -140,7 +140,7 @@ pub struct Shape {
 /// Per-model memory figures, independent of the card.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ModelMemory {
-    /// "text-generation" or "embedding".
+    /// "text-generation", "embedding" or "image-generation".
     pub family: &'static str,
     pub dtype: DType,
     pub shape: Shape,
@@ -198,10 +198,30 @@ pub fn estimate(dir: &Path, dtype: DType) -> Result<ModelMemory, LoadError> {
             ("embedding", shape, c.num_params() as u64, 0)
         }
         Family::Diffusion => {
-            return Err(LoadError::Unsupported(format!(
-                "{}: memory estimates for diffusion pipelines are not implemented",
-                dir.display()
-            )))
+            // Weights of the text encoder, UNet and VAE; the workspace depends on the image
+            // size and batch (`DiffusionInfo::activation_bytes`), which the caller knows.
+            let info = crate::diffusion::DiffusionInfo::from_dir(dir)?;
+            let shape = Shape {
+                hidden_size: info.text_hidden,
+                intermediate_size: 0,
+                num_layers: 0,
+                num_heads: 0,
+                num_kv_heads: 0,
+                head_dim: 0,
+                vocab_size: 0,
+                max_positions: info.text_length,
+            };
+            return Ok(ModelMemory {
+                family: "image-generation",
+                dtype,
+                shape,
+                config_params: info.num_params,
+                checkpoint: None,
+                params: info.num_params,
+                weights_bytes: info.weights_bytes(dtype),
+                kv_bytes_per_token: 0,
+                notes: vec!["weights: text_encoder + unet + vae safetensors headers".into()],
+            });
         }
     };
     let checkpoint = checkpoint_summary(dir)?;

@@ -117,7 +117,7 @@ fn case_request(case: &Value, refs: &Reference, tok: &ClipTokenizer) -> (ImageRe
         draws.push_back(refs.tensor(&format!("{name}.add_noise")));
         Some(InitImage {
             image: RgbImage { width: w, height: h, data: pixels.iter().map(|&x| x as u8).collect() },
-            strength: case["strength"].as_f64().unwrap() as f32,
+            strength: case["strength"].as_f64().unwrap(),
         })
     } else {
         draws.push_back(refs.tensor(&format!("{name}.init_latents")));

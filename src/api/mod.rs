@@ -1,9 +1,10 @@
-//! HTTP routes (axum): OpenAI-compatible completions and embeddings, `/v1/generate`, tokenizer utilities,
+//! HTTP routes (axum): OpenAI-compatible completions, embeddings and images, `/v1/generate`, tokenizer utilities,
 //! health/readiness/metrics, and the WebSocket upgrade.
 
 pub mod admin;
 pub mod embeddings;
 pub mod generate;
+pub mod images;
 pub mod openai;
 pub mod types;
 
@@ -37,6 +38,9 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/generate", post(generate::generate))
+        .route("/v1/images/generations", post(images::generations))
+        .route("/v1/images/edits", post(images::edits).layer(DefaultBodyLimit::max(crate::upload::MAX_UPLOAD_BYTES)))
+        .route("/v1/images/simple", post(images::simple))
         .route("/v1/ws", get(crate::ws::ws_handler))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
@@ -44,6 +48,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(inference)
         .route("/v1/models", get(list_models))
+        .route("/v1/images/{file}", get(images::stored_image))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))

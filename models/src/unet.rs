@@ -86,6 +86,29 @@ impl ComponentWeights {
         Ok(Linear { w, b })
     }
 
+    /// A `[parts * out, in]` linear layer (and its bias) split into `parts` layers of `out`
+    /// outputs each, in order: the halves of a fused projection such as GEGLU's, so each
+    /// half's output is contiguous.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_split<B: Backend>(
+        &self,
+        name: &str,
+        parts: usize,
+        out: usize,
+        inp: usize,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Vec<Linear<B>>, LoadError> {
+        let w = self.load::<B, 2>(&format!("{name}.weight"), [parts * out, inp], device, dtype)?;
+        let b = self.load::<B, 1>(&format!("{name}.bias"), [parts * out], device, dtype)?;
+        Ok((0..parts)
+            .map(|i| Linear {
+                w: w.clone().narrow(0, i * out, out).transpose(),
+                b: Some(b.clone().narrow(0, i * out, out)),
+            })
+            .collect())
+    }
+
     /// A 2-D convolution with a bias.
     #[allow(clippy::too_many_arguments)]
     pub fn conv<B: Backend>(
@@ -207,8 +230,9 @@ pub fn attention<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, 
 
 /// Nearest-neighbour 2x upsampling of `[B, C, H, W]`.
 pub fn upsample_nearest2x<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [b, c, h, w] = x.dims();
-    x.reshape([b, c, h, 1, w, 1]).expand([b, c, h, 2, w, 2]).reshape([b, c, 2 * h, 2 * w])
+    use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+    let [_, _, h, w] = x.dims();
+    burn::tensor::module::interpolate(x, [2 * h, 2 * w], InterpolateOptions::new(InterpolateMode::Nearest))
 }
 
 /// `[B, C, H, W]` -> `[B, H * W, C]`.
@@ -329,8 +353,10 @@ pub struct BasicTransformerBlock<B: Backend> {
     pub norm2: LayerNorm<B>,
     pub attn2: Attention<B>,
     pub norm3: LayerNorm<B>,
-    /// GEGLU projection `[dim, 2 * inner]` (`ff.net.0.proj`).
-    pub ff_in: Linear<B>,
+    /// GEGLU projection (`ff.net.0.proj`, `[2 * inner, dim]`) as its two halves: the value
+    /// and the gate.
+    pub ff_value: Linear<B>,
+    pub ff_gate: Linear<B>,
     /// `ff.net.2`.
     pub ff_out: Linear<B>,
 }
@@ -341,9 +367,8 @@ impl<B: Backend> BasicTransformerBlock<B> {
         let norm = |n: &LayerNorm<B>, x: Tensor<B, 3>| n.forward(x.reshape([b * l, c])).reshape([b, l, c]);
         let x = self.attn1.forward(norm(&self.norm1, x.clone()), None) + x;
         let x = self.attn2.forward(norm(&self.norm2, x.clone()), Some(context)) + x;
-        let h = linear3(&self.ff_in, norm(&self.norm3, x.clone()));
-        let inner = h.dims()[2] / 2;
-        let gated = h.clone().narrow(2, 0, inner) * gelu(h.narrow(2, inner, inner));
+        let n = norm(&self.norm3, x.clone());
+        let gated = linear3(&self.ff_value, n.clone()) * gelu(linear3(&self.ff_gate, n));
         linear3(&self.ff_out, gated) + x
     }
 }
@@ -386,13 +411,17 @@ impl<B: Backend> Transformer2D<B> {
         let mut blocks = Vec::new();
         for i in 0..cfg.transformer_layers_per_block {
             let q = format!("{p}.transformer_blocks.{i}");
+            let mut geglu = st.linear_split(&format!("{q}.ff.net.0.proj"), 2, inner, c, device, dtype)?;
+            let ff_gate = geglu.pop().expect("two halves");
+            let ff_value = geglu.pop().expect("two halves");
             blocks.push(BasicTransformerBlock {
                 norm1: st.layer_norm(&format!("{q}.norm1"), c, 1e-5, device, dtype)?,
                 attn1: Attention::load(st, &format!("{q}.attn1"), c, c, heads, false, device, dtype)?,
                 norm2: st.layer_norm(&format!("{q}.norm2"), c, 1e-5, device, dtype)?,
                 attn2: Attention::load(st, &format!("{q}.attn2"), c, ctx, heads, false, device, dtype)?,
                 norm3: st.layer_norm(&format!("{q}.norm3"), c, 1e-5, device, dtype)?,
-                ff_in: st.linear(&format!("{q}.ff.net.0.proj"), 2 * inner, c, true, device, dtype)?,
+                ff_value,
+                ff_gate,
                 ff_out: st.linear(&format!("{q}.ff.net.2"), c, inner, true, device, dtype)?,
             });
         }

@@ -14,6 +14,7 @@ pub mod memory;
 pub mod qwen2;
 pub mod schedulers;
 pub mod tokenizer;
+pub mod tts_decoder;
 pub mod unet;
 pub mod vae;
 pub mod weights;

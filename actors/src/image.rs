@@ -74,7 +74,8 @@ impl SeqRequest for ImageRequest {
         1
     }
     fn max_new_tokens(&self) -> usize {
-        self.steps
+        // PNDM's schedule has one UNet call more than the steps asked for.
+        self.steps + 1
     }
 }
 

@@ -513,8 +513,10 @@ impl DiffusionEngine {
             }
         };
         let max_running = opts.max_running.max(1);
-        // One block holds a whole request: the prompt position plus one per step.
-        let block = opts.max_steps.max(1) + 1;
+        // One block holds a whole request: the prompt position plus one per UNet call (PNDM
+        // makes one more call than the steps asked for), so an image never needs a second
+        // block and is never preempted (which would restart it).
+        let block = opts.max_steps.max(1) + 2;
         let spec = EngineSpec {
             block_size: block,
             num_blocks: max_running,

@@ -192,7 +192,96 @@ pub struct GroupNorm<B: Backend> {
     pub eps: f64,
 }
 
+/// Whether `B` is the CPU backend, where a fused host loop beats a chain of tensor ops.
+fn on_host<B: Backend>() -> bool {
+    #[cfg(feature = "flex")]
+    {
+        std::any::TypeId::of::<B>() == std::any::TypeId::of::<burn::backend::Flex>()
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        false
+    }
+}
+
+/// GroupNorm over `x` `[B, C, HW]` (f32, row-major) in place: `shift[b * C + c]` is added
+/// first when given (the resnets' time embedding), then each group is normalised with its
+/// mean and biased variance (accumulated in f64), scaled by `gamma`, shifted by `beta`, and
+/// SiLU applied when `silu`. One pass for the statistics and one for the output.
+#[allow(clippy::too_many_arguments)]
+fn group_norm_host(
+    x: &mut [f32],
+    [b, c, hw]: [usize; 3],
+    groups: usize,
+    eps: f64,
+    gamma: &[f32],
+    beta: &[f32],
+    shift: Option<&[f32]>,
+    silu: bool,
+) {
+    let cg = c / groups;
+    for bi in 0..b {
+        for g in 0..groups {
+            let start = (bi * c + g * cg) * hw;
+            let chunk = &mut x[start..start + cg * hw];
+            if let Some(shift) = shift {
+                for (ci, row) in chunk.chunks_exact_mut(hw).enumerate() {
+                    let s = shift[bi * c + g * cg + ci];
+                    row.iter_mut().for_each(|v| *v += s);
+                }
+            }
+            let (mut sum, mut sq) = (0f64, 0f64);
+            for row in chunk.chunks_exact(hw) {
+                let (s1, s2) = row.iter().fold((0f32, 0f32), |(a, q), &v| (a + v, q + v * v));
+                sum += s1 as f64;
+                sq += s2 as f64;
+            }
+            let n = (cg * hw) as f64;
+            let mean = sum / n;
+            let var = (sq / n - mean * mean).max(0.0);
+            let inv = 1.0 / (var + eps).sqrt();
+            for (ci, row) in chunk.chunks_exact_mut(hw).enumerate() {
+                let ch = g * cg + ci;
+                let scale = (inv * gamma[ch] as f64) as f32;
+                let offset = (beta[ch] as f64 - mean * inv * gamma[ch] as f64) as f32;
+                if silu {
+                    row.iter_mut().for_each(|v| {
+                        let y = *v * scale + offset;
+                        *v = y / (1.0 + (-y).exp());
+                    });
+                } else {
+                    row.iter_mut().for_each(|v| *v = *v * scale + offset);
+                }
+            }
+        }
+    }
+}
+
 impl<B: Backend> GroupNorm<B> {
+    /// `silu(norm(x + shift))` with `shift` `[B, C]` added per channel when given.
+    pub fn forward_fused(&self, x: Tensor<B, 4>, shift: Option<Tensor<B, 2>>, silu_out: bool) -> Tensor<B, 4> {
+        let [b, c, h, w] = x.dims();
+        if on_host::<B>() && x.dtype() == BurnDType::F32 {
+            let read = |t: Tensor<B, 1>| t.cast(BurnDType::F32).into_data().into_vec::<f32>().unwrap_or_default();
+            let device = x.device();
+            let mut v = x.into_data().into_vec::<f32>().expect("f32 data");
+            let shift = shift.map(|s| s.cast(BurnDType::F32).into_data().into_vec::<f32>().expect("f32 data"));
+            let (gamma, beta) = (read(self.w.clone()), read(self.b.clone()));
+            group_norm_host(&mut v, [b, c, h * w], self.groups, self.eps, &gamma, &beta, shift.as_deref(), silu_out);
+            return Tensor::from_data(burn::tensor::TensorData::new(v, [b, c, h, w]), (&device, BurnDType::F32));
+        }
+        let x = match shift {
+            Some(s) => x + s.reshape([b, c, 1, 1]),
+            None => x,
+        };
+        let y = self.forward(x);
+        if silu_out {
+            silu(y)
+        } else {
+            y
+        }
+    }
+
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
         let dtype = x.dtype();
@@ -291,13 +380,12 @@ impl<B: Backend> ResnetBlock2D<B> {
 
     /// `x` `[B, C, H, W]`; `temb` `[B, T]` the SiLU-activated time embedding.
     pub fn forward(&self, x: Tensor<B, 4>, temb: Option<&Tensor<B, 2>>) -> Tensor<B, 4> {
-        let mut h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
-        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(t.clone());
-            let [b, c] = t.dims();
-            h = h + t.reshape([b, c, 1, 1]);
-        }
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv1.forward(self.norm1.forward_fused(x.clone(), None, true));
+        let shift = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(t)) => Some(proj.forward(t.clone())),
+            _ => None,
+        };
+        let h = self.conv2.forward(self.norm2.forward_fused(h, shift, true));
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x),
             None => x,
@@ -436,7 +524,7 @@ impl<B: Backend> Transformer2D<B> {
     pub fn forward(&self, x: Tensor<B, 4>, context: &Tensor<B, 3>) -> Tensor<B, 4> {
         let [_, _, h, w] = x.dims();
         let residual = x.clone();
-        let x = self.norm.forward(x);
+        let x = self.norm.forward_fused(x, None, false);
         let mut t = match &self.proj_in {
             Projection::Conv(c) => to_tokens(c.forward(x)),
             Projection::Linear(l) => linear3(l, to_tokens(x)),
@@ -824,7 +912,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
                 x = u.forward(upsample_nearest2x(x));
             }
         }
-        Ok(self.conv_out.forward(silu(self.conv_norm_out.forward(x))))
+        Ok(self.conv_out.forward(self.conv_norm_out.forward_fused(x, None, true)))
     }
 
     /// [`forward`](Self::forward) on host f32 values (`sample` `[B, C, H, W]` and `context`

@@ -11,7 +11,6 @@
 
 use std::path::Path;
 
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::PadMode;
 use burn::tensor::{DType as BurnDType, Tensor};
@@ -313,7 +312,7 @@ impl<B: Backend> AutoencoderKL<B> {
                 x = u.forward(upsample_nearest2x(x));
             }
         }
-        Ok(d.conv_out.forward(silu(d.conv_norm_out.forward(x))))
+        Ok(d.conv_out.forward(d.conv_norm_out.forward_fused(x, None, true)))
     }
 
     /// The pipeline's decode of denoised latents: `vae.decode(latents / scaling_factor)`.
@@ -343,7 +342,7 @@ impl<B: Backend> AutoencoderKL<B> {
                 x = d.forward(x.pad((0, 1, 0, 1), PadMode::Constant(0.0)));
             }
         }
-        let x = e.conv_out.forward(silu(e.conv_norm_out.forward(e.mid.forward(x))));
+        let x = e.conv_out.forward(e.conv_norm_out.forward_fused(e.mid.forward(x), None, true));
         let x = match &e.quant_conv {
             Some(conv) => conv.forward(x),
             None => x,

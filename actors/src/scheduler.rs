@@ -54,6 +54,10 @@ pub struct Scheduler<R> {
     to_release: Vec<SeqId>,
     /// (id, tokens fed) of the step in flight.
     in_flight: Vec<(SeqId, usize)>,
+    /// A step was handed out and its outputs have not come back: also a step that only
+    /// releases sequences, whose `in_flight` is empty. Its outputs must not be taken for the
+    /// next step's.
+    step_pending: bool,
     next_arrival: u64,
     preemptions: u64,
 }
@@ -69,6 +73,7 @@ impl<R: SeqRequest> Scheduler<R> {
             running: Vec::new(),
             to_release: Vec::new(),
             in_flight: Vec::new(),
+            step_pending: false,
             next_arrival: 0,
             preemptions: 0,
         }
@@ -98,7 +103,7 @@ impl<R: SeqRequest> Scheduler<R> {
     }
     /// Whether a step is being executed.
     pub fn step_in_flight(&self) -> bool {
-        !self.in_flight.is_empty()
+        self.step_pending
     }
     /// Whether `id` is still scheduled (waiting or running).
     pub fn contains(&self, id: SeqId) -> bool {
@@ -150,7 +155,7 @@ impl<R: SeqRequest> Scheduler<R> {
 
     /// Plans the next step. Must not be called while a step is in flight.
     pub fn schedule(&mut self) -> Schedule<R> {
-        assert!(self.in_flight.is_empty(), "schedule() while a step is in flight");
+        assert!(!self.step_pending, "schedule() while a step is in flight");
         let mut budget = self.spec.max_batch_tokens;
         let mut plan = StepPlan { released: std::mem::take(&mut self.to_release), ..StepPlan::default() };
         let mut finished = Vec::new();
@@ -213,6 +218,8 @@ impl<R: SeqRequest> Scheduler<R> {
         }
 
         self.in_flight = plan.seqs.iter().map(|s| (s.id, s.len)).collect();
+        // The batcher hands out exactly the plans with work or releases.
+        self.step_pending = !plan.seqs.is_empty() || !plan.released.is_empty();
         Schedule { plan, finished }
     }
 
@@ -243,6 +250,7 @@ impl<R: SeqRequest> Scheduler<R> {
     /// (finished by the engine, or cancelled while running) with the reason.
     pub fn update<O>(&mut self, outputs: &[SeqOutput<O>]) -> Vec<(SeqId, FinishReason)> {
         let mut ended = Vec::new();
+        self.step_pending = false;
         for (id, len) in std::mem::take(&mut self.in_flight) {
             if let Some(seq) = self.seqs.get_mut(&id) {
                 seq.computed += len;
@@ -269,6 +277,7 @@ impl<R: SeqRequest> Scheduler<R> {
     /// Drops every sequence (after an engine failure). Returns their ids.
     pub fn fail_all(&mut self) -> Vec<SeqId> {
         self.in_flight.clear();
+        self.step_pending = false;
         let ids: Vec<SeqId> = self.seqs.keys().copied().collect();
         for &id in &ids {
             self.remove(id);
@@ -409,6 +418,29 @@ mod tests {
         assert_eq!(s.used_blocks(), 0);
         assert_eq!(sched.plan.seqs.len(), 1);
         assert_eq!(s.schedule().plan.released, vec![1]);
+    }
+
+    /// A step that only releases finished sequences is in flight like any other: a sequence
+    /// that arrives meanwhile must wait for it, or the release's (empty) outputs would be
+    /// taken for the new sequence's step and the two would stay one step out of phase.
+    #[test]
+    fn a_release_only_step_is_in_flight_until_it_comes_back() {
+        let mut s = Scheduler::new(spec(8, 64));
+        s.add(1, Req(2)).unwrap();
+        s.schedule();
+        assert_eq!(s.update(&[out(1, Some(FinishReason::Stop))]), vec![(1, FinishReason::Stop)]);
+        let release = s.schedule();
+        assert!(release.plan.seqs.is_empty() && release.plan.released == vec![1]);
+        assert!(s.step_in_flight(), "the release-only step is in flight");
+        s.add(2, Req(2)).unwrap();
+        s.add(3, Req(2)).unwrap();
+        s.update::<()>(&[]);
+        assert!(!s.step_in_flight());
+        let p = s.schedule();
+        assert_eq!(p.plan.seqs.iter().map(|x| (x.id, x.start, x.len)).collect::<Vec<_>>(), vec![(2, 0, 2), (3, 0, 2)]);
+        s.update(&[out(2, None), out(3, None)]);
+        let p = s.schedule();
+        assert_eq!(p.plan.seqs.iter().map(|x| (x.id, x.start, x.len)).collect::<Vec<_>>(), vec![(2, 2, 1), (3, 2, 1)]);
     }
 
     #[test]

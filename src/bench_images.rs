@@ -18,7 +18,7 @@ use kiln_actors::{
 use kiln_models::clip::ClipTokenizer;
 use kiln_models::{DeviceSpec, DiffusionEngine, DiffusionEngineOptions};
 
-use crate::bench::{rss_mib, BenchDType};
+use crate::bench::{percentile, rss_mib, BenchDType};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchImagesArgs {
@@ -71,13 +71,6 @@ pub struct ImageLevelResult {
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub rss_mib: f64,
-}
-
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
 pub fn run(args: BenchImagesArgs) -> anyhow::Result<()> {

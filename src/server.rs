@@ -1037,8 +1037,7 @@ fn image_model_entry(m: &ModelConfig, metrics: &Metrics, wiring: &Wiring) -> any
 /// VAE decode).
 pub(crate) fn image_memory(m: &ModelConfig) -> anyhow::Result<MemoryBytes> {
     let model = ImageModel::from_config(m).with_context(|| format!("model {:?}", m.name))?;
-    let mult = model.info.size_multiple.max(1);
-    let side = (((model.max_pixels as f64).sqrt() as usize) / mult).max(1) * mult;
+    let side = kiln_models::diffusion::largest_side(&model.info, model.max_pixels);
     Ok(MemoryBytes {
         weights: model.info.weights_bytes(m.dtype),
         kv: 0,

@@ -551,7 +551,7 @@ impl DiffusionEngine {
 }
 
 /// The largest square image within `max_pixels`, a multiple of the size multiple.
-fn largest_side(info: &DiffusionInfo, max_pixels: usize) -> usize {
+pub fn largest_side(info: &DiffusionInfo, max_pixels: usize) -> usize {
     let m = info.size_multiple.max(1);
     (((max_pixels as f64).sqrt() as usize) / m).max(1) * m
 }

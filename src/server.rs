@@ -994,6 +994,7 @@ fn model_entry(m: &ModelConfig, metrics: &Metrics, wiring: &Wiring) -> anyhow::R
         Family::TextGeneration => text_model_entry(m, metrics, wiring),
         Family::Embedding => embedding_model_entry(m, metrics, wiring),
         Family::Diffusion => image_model_entry(m, metrics, wiring),
+        Family::Speech => anyhow::bail!("model {:?}: speech models are not served yet", m.name),
     }
 }
 

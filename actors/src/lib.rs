@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;
+pub mod speech;
 pub mod supervisor;
 pub mod text;
 
@@ -28,5 +29,6 @@ pub use ledger::{DeviceLedger, MemoryBytes, MemoryKind, OutOfMemory, Reservation
 pub use metrics::{Metrics, ModelMetrics};
 pub use request::{start_generation, ClientEvent, Generation, TopLogprob};
 pub use sampling::Sampler;
+pub use speech::{SpeechEvent, SpeechOutput, SpeechRequest, SpeechSampling, SpeechStream};
 pub use supervisor::{BatcherHealth, SupervisorHandle};
 pub use text::{SamplingParams, TextRequest, TokenOutput};

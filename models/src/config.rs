@@ -12,6 +12,10 @@ use crate::LoadError;
 pub enum Architecture {
     Qwen2,
     Llama,
+    /// Qwen3 layers (per-head q/k RMSNorm, no q/k/v bias): the Qwen3-TTS talker and code
+    /// predictor. Not accepted as a text checkpoint (`from_value`); built by
+    /// [`DecoderConfig::qwen3_from_value`].
+    Qwen3,
 }
 
 impl Architecture {
@@ -19,6 +23,7 @@ impl Architecture {
         match self {
             Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Qwen3 => "Qwen3",
         }
     }
 }
@@ -56,6 +61,8 @@ pub struct DecoderConfig {
     pub mlp_bias: bool,
     /// eos ids from config.json (generation_config.json takes precedence in the engine).
     pub eos_token_ids: Vec<u32>,
+    /// RMSNorm over `head_dim` of every query and key head before RoPE (Qwen3).
+    pub qk_norm: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,13 +146,29 @@ impl DecoderConfig {
 
     /// Parses a config.json value.
     pub fn from_value(value: &serde_json::Value) -> Result<Self, LoadError> {
-        let parse_err = |message: String| LoadError::Parse { path: "config.json".into(), what: "config", message };
         let arch_name = value["architectures"][0].as_str().unwrap_or("<missing architectures>");
         let architecture = match arch_name {
             "Qwen2ForCausalLM" => Architecture::Qwen2,
             "LlamaForCausalLM" => Architecture::Llama,
             other => return Err(LoadError::UnsupportedArchitecture(other.to_string())),
         };
+        Self::parse(value, architecture)
+    }
+
+    /// Parses a Qwen3 decoder's config (a sub-config such as Qwen3-TTS's `talker_config`).
+    /// Multimodal RoPE sections are accepted: for speech all position streams are equal, which
+    /// makes it plain RoPE.
+    pub fn qwen3_from_value(value: &serde_json::Value) -> Result<Self, LoadError> {
+        let mut value = value.clone();
+        if let Some(scaling) = value.get_mut("rope_scaling").and_then(|v| v.as_object_mut()) {
+            scaling.remove("mrope_section");
+            scaling.remove("interleaved");
+        }
+        Self::parse(&value, Architecture::Qwen3)
+    }
+
+    fn parse(value: &serde_json::Value, architecture: Architecture) -> Result<Self, LoadError> {
+        let parse_err = |message: String| LoadError::Parse { path: "config.json".into(), what: "config", message };
         let raw: RawConfig = serde_json::from_value(value.clone()).map_err(|e| parse_err(e.to_string()))?;
         let _ = (&raw.architectures, &raw.model_type);
         if let Some(act) = &raw.hidden_act {
@@ -192,6 +215,7 @@ impl DecoderConfig {
         let (qkv_bias, o_bias, mlp_bias) = match architecture {
             Architecture::Qwen2 => (true, false, false),
             Architecture::Llama => (raw.attention_bias, raw.attention_bias, raw.mlp_bias),
+            Architecture::Qwen3 => (raw.attention_bias, raw.attention_bias, false),
         };
         Ok(DecoderConfig {
             architecture,
@@ -211,6 +235,7 @@ impl DecoderConfig {
             o_bias,
             mlp_bias,
             eos_token_ids,
+            qk_norm: architecture == Architecture::Qwen3,
         })
     }
 
@@ -264,7 +289,7 @@ impl DecoderConfig {
         if self.mlp_bias {
             mlp += 2 * i + h;
         }
-        let layer = attn + mlp + 2 * h;
+        let layer = attn + mlp + 2 * h + if self.qk_norm { 2 * self.head_dim } else { 0 };
         let emb = self.vocab_size * h;
         let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
         self.num_hidden_layers * layer + emb + head + h

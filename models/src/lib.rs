@@ -14,7 +14,9 @@ pub mod memory;
 pub mod qwen2;
 pub mod schedulers;
 pub mod tokenizer;
+pub mod tts;
 pub mod tts_decoder;
+pub mod tts_prompt;
 pub mod unet;
 pub mod vae;
 pub mod weights;
@@ -23,6 +25,7 @@ pub use diffusion::{DiffusionEngine, DiffusionEngineOptions, DiffusionInfo};
 pub use embed::{EmbeddingEngine, EmbeddingEngineOptions, EmbeddingModelInfo, EmbeddingTokenizer};
 pub use engine::{TextEngine, TextEngineOptions, TextModelInfo};
 pub use tokenizer::{ChatMessage, HfTokenizer};
+pub use tts::{TtsEngine, TtsEngineOptions, TtsModelInfo};
 
 use std::path::Path;
 
@@ -70,6 +73,8 @@ pub enum Family {
     Embedding,
     /// diffusers folder (`model_index.json`).
     Diffusion,
+    /// Qwen3-TTS folder (`config.json` with `model_type` `qwen3_tts`, `speech_tokenizer/`).
+    Speech,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +107,9 @@ pub fn detect_family(dir: &Path) -> Result<Family, LoadError> {
         what: "JSON",
         message: e.to_string(),
     })?;
+    if v["model_type"].as_str() == Some("qwen3_tts") {
+        return Ok(Family::Speech);
+    }
     let arch = v["architectures"][0].as_str().unwrap_or("<missing architectures>");
     match arch {
         "Qwen2ForCausalLM" | "LlamaForCausalLM" => Ok(Family::TextGeneration),

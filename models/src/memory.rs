@@ -197,6 +197,43 @@ pub fn estimate(dir: &Path, dtype: DType) -> Result<ModelMemory, LoadError> {
             };
             ("embedding", shape, c.num_params() as u64, 0)
         }
+        Family::Speech => {
+            // Talker + code predictor (model.safetensors) and the codec decoder (the
+            // `decoder.*` tensors of speech_tokenizer/; its encoder is not loaded).
+            let spec = crate::tts::TalkerSpec::from_dir(dir)?;
+            let c = &spec.talker;
+            let kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim;
+            let shape = Shape {
+                hidden_size: c.hidden_size,
+                intermediate_size: c.intermediate_size,
+                num_layers: c.num_hidden_layers,
+                num_heads: c.num_attention_heads,
+                num_kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+                vocab_size: c.vocab_size,
+                max_positions: c.max_position_embeddings,
+            };
+            let talker = checkpoint_summary(dir)?;
+            let decoder_path = dir.join("speech_tokenizer").join("model.safetensors");
+            let decoder: u64 = read_safetensors_header(&decoder_path)?
+                .iter()
+                .filter(|t| t.name.starts_with("decoder."))
+                .map(|t| t.shape.iter().product::<u64>())
+                .sum();
+            let config_params = spec.num_params() as u64 + decoder;
+            let params = talker.as_ref().map_or(spec.num_params() as u64, |ck| ck.elements) + decoder;
+            return Ok(ModelMemory {
+                family: "speech",
+                dtype,
+                shape,
+                config_params,
+                checkpoint: talker,
+                params,
+                weights_bytes: params * eb,
+                kv_bytes_per_token: kv as u64 * eb,
+                notes: vec!["weights: talker + code predictor, and the speech tokenizer's decoder".into()],
+            });
+        }
         Family::Diffusion => {
             // Weights of the text encoder, UNet and VAE; the workspace depends on the image
             // size and batch (`DiffusionInfo::activation_bytes`), which the caller knows.

@@ -71,6 +71,8 @@ pub struct DecoderLayer<B: Backend> {
     /// gate and up projections fused: `[hidden, 2 * intermediate]`.
     pub gate_up: Linear<B>,
     pub down: Linear<B>,
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3), over `head_dim`.
+    pub qk_norm: Option<(RmsNorm<B>, RmsNorm<B>)>,
 }
 
 /// The paged KV cache: per layer, K and V as `[num_blocks * block_size, kv_heads, head_dim]`.
@@ -156,8 +158,9 @@ pub struct DecoderModel<B: Backend> {
     pub cfg: DecoderConfig,
     pub dtype: DType,
     pub device: B::Device,
-    /// `[vocab, hidden]`.
-    pub embed: Tensor<B, 2>,
+    /// `[vocab, hidden]`; None for decoders fed embeddings (the Qwen3-TTS talker and code
+    /// predictor), see [`DecoderModel::forward_embeds`].
+    pub embed: Option<Tensor<B, 2>>,
     pub layers: Vec<DecoderLayer<B>>,
     pub norm: RmsNorm<B>,
     /// `[hidden, vocab]`; None when tied (then `embed.transpose()`).
@@ -186,10 +189,25 @@ fn f32_tensor<B: Backend, const D: usize>(
 }
 
 impl<B: Backend> DecoderModel<B> {
-    /// Loads the weights of `cfg` from `store`.
+    /// Loads the weights of `cfg` from `store` (HF causal-LM names: `model.*`, `lm_head`).
     pub fn load(
         cfg: &DecoderConfig,
         store: &WeightStore,
+        device: &B::Device,
+        dtype: DType,
+        kv_write_mode: KvWriteMode,
+    ) -> Result<Self, LoadError> {
+        Self::load_prefixed(cfg, store, "model", true, device, dtype, kv_write_mode)
+    }
+
+    /// Loads the layers and final norm under `{prefix}.layers.*` / `{prefix}.norm`; with
+    /// `with_embed`, also `{prefix}.embed_tokens` and `lm_head` (else the model is fed
+    /// embeddings and returns hidden states: [`DecoderModel::forward_embeds`]).
+    pub fn load_prefixed(
+        cfg: &DecoderConfig,
+        store: &WeightStore,
+        prefix: &str,
+        with_embed: bool,
         device: &B::Device,
         dtype: DType,
         kv_write_mode: KvWriteMode,
@@ -218,16 +236,27 @@ impl<B: Backend> DecoderModel<B> {
             };
             Linear { w: Tensor::cat(ws, 1), b }
         };
-        let norm = |name: &str| -> Result<RmsNorm<B>, LoadError> {
+        let norm_of = |name: &str, dim: usize| -> Result<RmsNorm<B>, LoadError> {
             Ok(RmsNorm {
-                w: store.load::<B, 1>(&format!("{name}.weight"), [h], false, device, dtype)?,
+                w: store.load::<B, 1>(&format!("{name}.weight"), [dim], false, device, dtype)?,
                 eps: cfg.rms_norm_eps,
             })
         };
-        let embed = store.load::<B, 2>("model.embed_tokens.weight", [cfg.vocab_size, h], false, device, dtype)?;
+        let norm = |name: &str| norm_of(name, h);
+        let embed = if with_embed {
+            Some(store.load::<B, 2>(
+                &format!("{prefix}.embed_tokens.weight"),
+                [cfg.vocab_size, h],
+                false,
+                device,
+                dtype,
+            )?)
+        } else {
+            None
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
+            let p = format!("{prefix}.layers.{i}");
             let qkv = cat(vec![
                 lin(&format!("{p}.self_attn.q_proj"), qd, h, cfg.qkv_bias)?,
                 lin(&format!("{p}.self_attn.k_proj"), kvd, h, cfg.qkv_bias)?,
@@ -244,10 +273,18 @@ impl<B: Backend> DecoderModel<B> {
                 post_norm: norm(&format!("{p}.post_attention_layernorm"))?,
                 gate_up,
                 down: lin(&format!("{p}.mlp.down_proj"), h, inter, cfg.mlp_bias)?,
+                qk_norm: if cfg.qk_norm {
+                    Some((
+                        norm_of(&format!("{p}.self_attn.q_norm"), hd)?,
+                        norm_of(&format!("{p}.self_attn.k_norm"), hd)?,
+                    ))
+                } else {
+                    None
+                },
             });
         }
-        let norm_f = norm("model.norm")?;
-        let lm_head = if cfg.tie_word_embeddings && !store.contains("lm_head.weight") {
+        let norm_f = norm(&format!("{prefix}.norm"))?;
+        let lm_head = if !with_embed || (cfg.tie_word_embeddings && !store.contains("lm_head.weight")) {
             None
         } else if cfg.tie_word_embeddings {
             // Tied but stored anyway: the embedding is the same matrix.
@@ -271,6 +308,17 @@ impl<B: Backend> DecoderModel<B> {
 
     /// Builds the step's index, mask and RoPE tensors.
     fn prepare(&self, seqs: &[ForwardSeq<'_>], cache: &KvCache<B>) -> Result<(StepBatch<B>, Vec<usize>), String> {
+        self.prepare_inner(seqs, cache, true)
+    }
+
+    /// `check_ids`: token ids must be in the vocabulary (off when fed embeddings). Returns the
+    /// batch and the flat order (sequence index of each flat segment).
+    fn prepare_inner(
+        &self,
+        seqs: &[ForwardSeq<'_>],
+        cache: &KvCache<B>,
+        check_ids: bool,
+    ) -> Result<(StepBatch<B>, Vec<usize>), String> {
         let dev = &self.device;
         let bs = cache.block_size;
         let slots_total = cache.block_size * cache.num_blocks;
@@ -290,7 +338,7 @@ impl<B: Backend> DecoderModel<B> {
             if let Some(&b) = s.block_table[..need].iter().find(|&&b| b as usize >= cache.num_blocks) {
                 return Err(format!("block id {b} out of range (pool has {})", cache.num_blocks));
             }
-            if let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            if let Some(&t) = s.tokens.iter().find(|&&t| check_ids && t as usize >= self.cfg.vocab_size) {
                 return Err(format!("token id {t} out of range (vocab {})", self.cfg.vocab_size));
             }
         }
@@ -404,7 +452,7 @@ impl<B: Backend> DecoderModel<B> {
             logit_rows: (n_logits > 0).then(|| int_tensor::<B, 1>(rows, [n_logits], dev)),
             n_logits,
         };
-        Ok((batch, logit_seqs))
+        Ok((batch, order))
     }
 
     fn rope(&self, x: Tensor<B, 3>, batch: &StepBatch<B>) -> Tensor<B, 3> {
@@ -476,21 +524,87 @@ impl<B: Backend> DecoderModel<B> {
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
-        let (batch, _logit_seqs) = self.prepare(seqs, cache)?;
+        let embed = self.embed.as_ref().ok_or("this decoder is fed embeddings, not token ids")?;
+        let (batch, _order) = self.prepare(seqs, cache)?;
+        let x = embed.clone().select(0, batch.ids.clone());
+        let Some(last) = self.layers_forward(x, &batch, cache) else {
+            return Ok(Vec::new());
+        };
+        let logits = match &self.lm_head {
+            Some(w) => last.matmul(w.clone()),
+            None => last.matmul(embed.clone().transpose()),
+        };
+        let data = logits.cast(BurnDType::F32).into_data();
+        let flat: Vec<f32> = data.into_vec::<f32>().map_err(|e| format!("reading logits: {e:?}"))?;
+        let vocab = self.cfg.vocab_size;
+        debug_assert_eq!(flat.len(), batch.n_logits * vocab);
+        Ok(flat.chunks(vocab).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Like [`DecoderModel::forward`], but fed input embeddings: `embeds` is `[rows, hidden]`,
+    /// the rows of every sequence in `seqs` order (`tokens` only give each sequence's length;
+    /// their values are ignored). Returns the final-norm hidden states `[n, hidden]` of the last
+    /// fed row of each sequence with `logits == true`, in order (None when there are none).
+    pub fn forward_embeds(
+        &self,
+        seqs: &[ForwardSeq<'_>],
+        embeds: Tensor<B, 2>,
+        cache: &mut KvCache<B>,
+    ) -> Result<Option<Tensor<B, 2>>, String> {
+        if seqs.is_empty() {
+            return Ok(None);
+        }
+        let rows: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        let [n, hidden] = embeds.dims();
+        if n != rows || hidden != self.cfg.hidden_size {
+            return Err(format!(
+                "embeddings are [{n}, {hidden}]; the sequences feed {rows} rows of {}",
+                self.cfg.hidden_size
+            ));
+        }
+        let (batch, order) = self.prepare_inner(seqs, cache, false)?;
+        // The step runs decode rows first: reorder when `seqs` interleaves the two kinds.
+        let mut first_row = Vec::with_capacity(seqs.len());
+        let mut acc = 0usize;
+        for s in seqs {
+            first_row.push(acc);
+            acc += s.tokens.len();
+        }
+        let perm: Vec<i32> =
+            order.iter().flat_map(|&i| (first_row[i]..first_row[i] + seqs[i].tokens.len()).map(|r| r as i32)).collect();
+        let x = if perm.iter().enumerate().all(|(i, &r)| i as i32 == r) {
+            embeds
+        } else {
+            embeds.select(0, int_tensor::<B, 1>(perm, [rows], &self.device))
+        };
+        Ok(self.layers_forward(x, &batch, cache))
+    }
+
+    /// The decoder layers over the step's flat rows `x`; the final-norm hidden states of the
+    /// logit rows.
+    fn layers_forward(
+        &self,
+        mut x: Tensor<B, 2>,
+        batch: &StepBatch<B>,
+        cache: &mut KvCache<B>,
+    ) -> Option<Tensor<B, 2>> {
         let heads = self.cfg.num_attention_heads;
         let kvh = self.cfg.num_key_value_heads;
         let hd = self.cfg.head_dim;
         let t = batch.t;
         let inter = self.cfg.intermediate_size;
-        let mut x = self.embed.clone().select(0, batch.ids.clone());
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(x.clone());
             let qkv = layer.qkv.forward(h);
-            let q = qkv.clone().narrow(1, 0, heads * hd).reshape([t, heads, hd]);
-            let k = qkv.clone().narrow(1, heads * hd, kvh * hd).reshape([t, kvh, hd]);
+            let mut q = qkv.clone().narrow(1, 0, heads * hd);
+            let mut k = qkv.clone().narrow(1, heads * hd, kvh * hd);
             let v = qkv.narrow(1, (heads + kvh) * hd, kvh * hd).reshape([t, kvh, hd]);
-            let q = self.rope(q, &batch);
-            let k = self.rope(k, &batch);
+            if let Some((qn, kn)) = &layer.qk_norm {
+                q = qn.forward(q.reshape([t * heads, hd])).reshape([t, heads * hd]);
+                k = kn.forward(k.reshape([t * kvh, hd])).reshape([t, kvh * hd]);
+            }
+            let q = self.rope(q.reshape([t, heads, hd]), batch);
+            let k = self.rope(k.reshape([t, kvh, hd]), batch);
             let kc = self.write_kv(cache.k[l].take().expect("k cache"), k, &batch.write);
             let vc = self.write_kv(cache.v[l].take().expect("v cache"), v, &batch.write);
             let mut parts = Vec::with_capacity(batch.groups.len());
@@ -507,19 +621,8 @@ impl<B: Backend> DecoderModel<B> {
             let up = gu.narrow(1, inter, inter);
             x = x + layer.down.forward(silu(gate) * up);
         }
-        let Some(rows) = batch.logit_rows else {
-            return Ok(Vec::new());
-        };
-        let last = self.norm.forward(x.select(0, rows));
-        let logits = match &self.lm_head {
-            Some(w) => last.matmul(w.clone()),
-            None => last.matmul(self.embed.clone().transpose()),
-        };
-        let data = logits.cast(BurnDType::F32).into_data();
-        let flat: Vec<f32> = data.into_vec::<f32>().map_err(|e| format!("reading logits: {e:?}"))?;
-        let vocab = self.cfg.vocab_size;
-        debug_assert_eq!(flat.len(), batch.n_logits * vocab);
-        Ok(flat.chunks(vocab).map(<[f32]>::to_vec).collect())
+        let rows = batch.logit_rows.clone()?;
+        Some(self.norm.forward(x.select(0, rows)))
     }
 
     /// Parameter count of the loaded weights.

@@ -1,7 +1,8 @@
 //! What the API needs from a served model: for text, two small traits: the tokenizer (prompt
 //! building, /tokenize) and the generation backend (the model's batcher). The real
 //! implementations wrap kiln-models' `HfTokenizer` and kiln-actors' `BatcherHandle`; tests
-//! substitute fakes (`crate::testing`). An embedding model is served by `EmbeddingBackend`.
+//! substitute fakes (`crate::testing`). Embedding, image and speech models are served by
+//! `EmbeddingBackend`, `ImageBackend` and `SpeechBackend`.
 
 use std::sync::Arc;
 
@@ -133,5 +134,23 @@ impl ImageBackend {
         requests: Vec<kiln_actors::ImageRequest>,
     ) -> Result<kiln_actors::ImageStream<kiln_models::DiffusionEngine>, SubmitError> {
         kiln_actors::ImageStream::start(&self.handle, requests).await
+    }
+}
+
+/// A served text-to-speech model: its batcher (kiln-actors' `SpeechStream` drives it).
+pub struct SpeechBackend {
+    pub handle: BatcherHandle<kiln_models::TtsEngine>,
+    /// The model's metrics (request outcomes, audio seconds and time to first audio are
+    /// recorded by the API).
+    pub metrics: ModelMetrics,
+}
+
+impl SpeechBackend {
+    /// Queues one utterance; dropping the stream cancels it.
+    pub async fn start(
+        &self,
+        request: kiln_actors::SpeechRequest,
+    ) -> Result<kiln_actors::SpeechStream<kiln_models::TtsEngine>, SubmitError> {
+        kiln_actors::SpeechStream::start(&self.handle, request).await
     }
 }

@@ -124,6 +124,32 @@ pub struct ModelConfig {
     /// Image models: steps when a request gives none.
     #[serde(default = "default_image_steps")]
     pub default_steps: usize,
+    /// Speech models: the longest text (`input`) a request may ask to speak, in characters.
+    #[serde(default = "default_max_speech_chars")]
+    pub max_speech_chars: usize,
+    /// Speech models: the most codec frames one utterance may generate (12.5 frames per second
+    /// of audio). Default: the model's `generation_config.json` `max_new_tokens` - 1 (as
+    /// upstream generates); always capped by `max_model_len` less the prompt.
+    #[serde(default)]
+    pub max_frames: Option<usize>,
+    /// Speech models: the first audio of an utterance is decoded and sent once this many frames
+    /// exist (1 = 0.08 s of audio: the lowest latency to first audio).
+    #[serde(default = "default_speech_first_chunk_frames")]
+    pub speech_first_chunk_frames: usize,
+    /// Speech models: later audio is decoded and sent every this many frames (4 = 0.32 s of
+    /// audio); larger chunks cost less per frame.
+    #[serde(default = "default_speech_chunk_frames")]
+    pub speech_chunk_frames: usize,
+}
+
+fn default_max_speech_chars() -> usize {
+    2000
+}
+fn default_speech_first_chunk_frames() -> usize {
+    1
+}
+fn default_speech_chunk_frames() -> usize {
+    4
 }
 
 fn default_max_batch_images() -> usize {
@@ -261,6 +287,10 @@ impl ModelConfig {
             max_batch_images: default_max_batch_images(),
             max_steps: default_max_steps(),
             default_steps: default_image_steps(),
+            max_speech_chars: default_max_speech_chars(),
+            max_frames: None,
+            speech_first_chunk_frames: default_speech_first_chunk_frames(),
+            speech_chunk_frames: default_speech_chunk_frames(),
         }
     }
 }
@@ -316,9 +346,14 @@ impl Config {
             if m.kv_cache_tokens == KvCacheTokens::Tokens(0) {
                 return Err(format!("{at}: kv_cache_tokens must be at least 1 (or \"auto\")"));
             }
-            for (key, v) in
-                [("block_size", m.block_size), ("max_batch_tokens", m.max_batch_tokens), ("max_running", m.max_running)]
-            {
+            for (key, v) in [
+                ("block_size", m.block_size),
+                ("max_batch_tokens", m.max_batch_tokens),
+                ("max_running", m.max_running),
+                ("max_speech_chars", m.max_speech_chars),
+                ("speech_first_chunk_frames", m.speech_first_chunk_frames),
+                ("speech_chunk_frames", m.speech_chunk_frames),
+            ] {
                 if v == 0 {
                     return Err(format!("{at}: {key} must be at least 1"));
                 }
@@ -328,6 +363,9 @@ impl Config {
             }
             if m.max_model_len == Some(0) {
                 return Err(format!("{at}: max_model_len must be at least 1"));
+            }
+            if m.max_frames == Some(0) {
+                return Err(format!("{at}: max_frames must be at least 1"));
             }
         }
         if self.server.max_body_bytes < 1024 {
@@ -414,6 +452,13 @@ mod tests {
         assert_eq!(c.models[0].path, Path::new("/abs"));
         assert_eq!(c.models[0].device, DeviceSpec::Auto);
         assert!(c.models[0].preload);
+        let m = &c.models[0];
+        assert_eq!(
+            (m.max_speech_chars, m.max_frames, m.speech_first_chunk_frames, m.speech_chunk_frames),
+            (2000, None, 1, 4)
+        );
+        let e = parse("[[models]]\nname = \"a\"\npath = \"p\"\nspeech_chunk_frames = 0\n").unwrap_err().to_string();
+        assert!(e.contains("speech_chunk_frames"), "{e}");
     }
 
     #[test]
@@ -442,12 +487,17 @@ mod tests {
             assert_eq!(c.models.len(), 1, "{f}");
         }
         let c = Config::load(&root.join("config/default.toml")).unwrap();
-        assert_eq!(c.models.len(), 2);
+        assert_eq!(c.models.len(), 3);
         assert_eq!(c.models[0].name, "kiln-demo");
         assert!(c.models[0].demo);
         assert!(c.models[0].path.ends_with("tests/fixtures/qwen2-tied-gqa"));
         assert_eq!(c.models[1].name, "sd-demo");
         assert!(c.models[1].path.ends_with("tests/fixtures/sd-tiny/sd15"));
         assert_eq!((c.models[1].max_image_side, c.models[1].max_batch_images), (Some(64), 4));
+        assert_eq!(c.models[2].name, "tts-demo");
+        assert!(c.models[2].demo);
+        assert!(c.models[2].path.ends_with("tests/fixtures/tts-tiny"));
+        let tts = &c.models[2];
+        assert_eq!((tts.max_speech_chars, tts.speech_first_chunk_frames, tts.speech_chunk_frames), (2000, 1, 4));
     }
 }

@@ -6,6 +6,7 @@ pub mod api;
 pub mod backend;
 pub mod bench;
 pub mod bench_images;
+pub mod bench_speech;
 pub mod config;
 pub mod corpus;
 pub mod error;

@@ -24,6 +24,8 @@ enum Command {
     Bench(kiln::bench::BenchArgs),
     /// Benchmark image generation on one diffusers folder at several concurrencies (in process).
     BenchImages(kiln::bench_images::BenchImagesArgs),
+    /// Benchmark text-to-speech on one Qwen3-TTS folder at several concurrencies (in process).
+    BenchSpeech(kiln::bench_speech::BenchSpeechArgs),
     /// Plan GPU memory: per model weights, KV capacity and whether the set fits a 24/48/80 GB card.
     Plan(kiln::plan::PlanArgs),
     /// Dimensionality reduction of an embedding model's vectors (PCA projections).
@@ -66,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args),
         Command::Bench(args) => kiln::bench::run(args),
         Command::BenchImages(args) => kiln::bench_images::run(args),
+        Command::BenchSpeech(args) => kiln::bench_speech::run(args),
         Command::Plan(args) => kiln::plan::run(args),
         Command::Pca(cmd) => kiln::pca::run(cmd),
         Command::Index(cmd) => kiln::index::run(cmd),

@@ -20,7 +20,7 @@ use kiln_models::{
 };
 use tokio::sync::watch;
 
-use crate::backend::{BatcherBackend, EmbeddingBackend, ImageBackend, TextBackend, TextTokenizer};
+use crate::backend::{BatcherBackend, EmbeddingBackend, ImageBackend, SpeechBackend, TextBackend, TextTokenizer};
 use crate::config::{Config, ModelConfig};
 use crate::error::ApiError;
 
@@ -30,6 +30,7 @@ pub enum Backend {
     Text(Arc<dyn TextBackend>),
     Embedding(Arc<EmbeddingBackend>),
     Image(Arc<ImageBackend>),
+    Speech(Arc<SpeechBackend>),
 }
 
 impl Backend {
@@ -38,6 +39,7 @@ impl Backend {
             Backend::Text(b) => b.spec(),
             Backend::Embedding(b) => b.handle.spec().clone(),
             Backend::Image(b) => b.handle.spec().clone(),
+            Backend::Speech(b) => b.handle.spec().clone(),
         }
     }
 
@@ -46,6 +48,7 @@ impl Backend {
             Backend::Text(b) => b.stats().await,
             Backend::Embedding(b) => b.handle.stats().await,
             Backend::Image(b) => b.handle.stats().await,
+            Backend::Speech(b) => b.handle.stats().await,
         }
     }
 
@@ -54,6 +57,7 @@ impl Backend {
             Backend::Text(b) => b.stop(),
             Backend::Embedding(b) => b.handle.stop(),
             Backend::Image(b) => b.handle.stop(),
+            Backend::Speech(b) => b.handle.stop(),
         }
     }
 
@@ -63,6 +67,7 @@ impl Backend {
             Backend::Text(b) => b.memory(),
             Backend::Embedding(b) => b.handle.memory(),
             Backend::Image(b) => b.handle.memory(),
+            Backend::Speech(b) => b.handle.memory(),
         }
     }
 
@@ -72,6 +77,7 @@ impl Backend {
             Backend::Text(b) => b.engine_exited().await,
             Backend::Embedding(b) => b.handle.engine_exited().await,
             Backend::Image(b) => b.handle.engine_exited().await,
+            Backend::Speech(b) => b.handle.engine_exited().await,
         }
     }
 }
@@ -280,12 +286,80 @@ impl ImageModel {
     }
 }
 
+/// What a Qwen3-TTS folder says, known before its weights load (prompt builder, speakers,
+/// languages, audio format), with the limits the server applies to its requests.
+pub struct SpeechModel {
+    pub prompter: kiln_models::tts_prompt::TtsPrompter,
+    /// Output samples per second (24000 for the 12 Hz tokenizer).
+    pub sample_rate: u32,
+    /// Waveform samples per codec frame (1920).
+    pub samples_per_frame: usize,
+    /// Longest `input`, in characters (`max_speech_chars`).
+    pub max_chars: usize,
+    /// Most frames per utterance before the context cap (`max_frames`, or the model's
+    /// `max_new_tokens` - 1).
+    pub max_frames: usize,
+    /// The first audio is decoded and sent once this many frames exist
+    /// (`speech_first_chunk_frames`), later audio every `chunk_frames` (`speech_chunk_frames`).
+    pub first_chunk_frames: usize,
+    pub chunk_frames: usize,
+    /// Talker positions one utterance may use: prompt rows, one per frame, and the step that
+    /// ends it.
+    pub max_model_len: usize,
+}
+
+impl SpeechModel {
+    /// Reads the configs and text tokenizer; `kv_tokens` is the model's resolved KV pool.
+    pub fn from_config(m: &ModelConfig, kv_tokens: usize) -> anyhow::Result<SpeechModel> {
+        let prompter = kiln_models::tts_prompt::TtsPrompter::from_dir(&m.path)?;
+        let talker = kiln_models::tts::TalkerSpec::from_dir(&m.path)?;
+        let codec = kiln_models::tts_decoder::TtsDecoderConfig::from_dir(&m.path.join("speech_tokenizer"))?;
+        let positions = talker.talker.max_position_embeddings.max(1);
+        let kv = kv_tokens.div_ceil(m.block_size.max(1)) * m.block_size.max(1);
+        let max_model_len = m.max_model_len.unwrap_or(positions).min(positions).min(kv.max(1));
+        let model_frames = prompter.config().generation.max_new_tokens.saturating_sub(1).max(1);
+        Ok(SpeechModel {
+            sample_rate: u32::try_from(codec.output_sample_rate).context("output_sample_rate")?,
+            samples_per_frame: codec.samples_per_frame(),
+            max_chars: m.max_speech_chars,
+            max_frames: m.max_frames.unwrap_or(model_frames),
+            first_chunk_frames: m.speech_first_chunk_frames.max(1),
+            chunk_frames: m.speech_chunk_frames.max(1),
+            max_model_len,
+            prompter,
+        })
+    }
+
+    /// The most frames an utterance whose prompt has `prompt_rows` rows may generate: the
+    /// configured cap, and what its context leaves (one position per frame, one for the last
+    /// step).
+    pub fn frame_cap(&self, prompt_rows: usize) -> usize {
+        self.max_frames.min(self.max_model_len.saturating_sub(prompt_rows + 1))
+    }
+
+    /// The model's speakers, sorted (matched case-insensitively).
+    pub fn speakers(&self) -> Vec<String> {
+        self.prompter.speakers()
+    }
+
+    /// The model's languages, with `auto` (matched case-insensitively).
+    pub fn languages(&self) -> Vec<String> {
+        self.prompter.languages()
+    }
+
+    /// Whether an `instruct` text is used (some model sizes drop it).
+    pub fn instruct_supported(&self) -> bool {
+        self.prompter.config().instruct_allowed()
+    }
+}
+
 /// What a served model does, with the server side of its tokenizer.
 #[derive(Clone)]
 pub enum ModelKind {
     Text(Arc<dyn TextTokenizer>),
     Embedding(Arc<EmbeddingModel>),
     Image(Arc<ImageModel>),
+    Speech(Arc<SpeechModel>),
 }
 
 /// One served model.
@@ -379,7 +453,7 @@ impl ModelEntry {
         }
         if let LoadState::Ready(b) = self.state() {
             let spec = b.spec();
-            if matches!(self.kind, ModelKind::Text(_)) {
+            if matches!(self.kind, ModelKind::Text(_) | ModelKind::Speech(_)) {
                 let tokens = spec.num_blocks * spec.block_size;
                 let per_seq = spec.max_model_len.div_ceil(spec.block_size).max(1);
                 out.insert("kv_blocks".into(), spec.num_blocks.into());
@@ -478,6 +552,41 @@ impl ModelEntry {
                 ),
             )),
             ModelKind::Image(_) => Err(self.image_model_error("text generation")),
+            ModelKind::Speech(_) => Err(self.speech_model_error("text generation")),
+        }
+    }
+
+    fn speech_model_error(&self, what: &str) -> ApiError {
+        ApiError::param(
+            "model",
+            format!(
+                "the model `{}` is a text-to-speech model: it serves /v1/audio/speech (or the WebSocket \
+                 `speech` message), not {what}",
+                self.name
+            ),
+        )
+    }
+
+    /// The facts of a speech model; a clear 400 for another family.
+    pub fn speech_model(&self) -> Result<&Arc<SpeechModel>, ApiError> {
+        match &self.kind {
+            ModelKind::Speech(m) => Ok(m),
+            _ => Err(ApiError::param(
+                "model",
+                format!(
+                    "the model `{}` does not generate speech (GET /v1/audio/voices lists the speech models)",
+                    self.name
+                ),
+            )),
+        }
+    }
+
+    /// The speech model's backend, loading it first if needed.
+    pub async fn speech_backend(self: &Arc<Self>) -> Result<Arc<SpeechBackend>, ApiError> {
+        self.speech_model()?;
+        match self.loaded().await? {
+            Backend::Speech(b) => Ok(b),
+            _ => Err(ApiError::Internal(format!("model {} loaded the wrong backend", self.name))),
         }
     }
 
@@ -525,6 +634,7 @@ impl ModelEntry {
                 ),
             )),
             ModelKind::Image(_) => Err(self.image_model_error("embeddings")),
+            ModelKind::Speech(_) => Err(self.speech_model_error("embeddings")),
         }
     }
 
@@ -946,10 +1056,10 @@ fn resolve_auto_kv(
             m.kv_cache_tokens = crate::config::KvCacheTokens::Tokens(tokens);
         }
     }
-    if let Some(m) = models
-        .iter()
-        .find(|m| m.kv_cache_tokens.tokens().is_none() && detect_family(&m.path).ok() == Some(Family::TextGeneration))
-    {
+    if let Some(m) = models.iter().find(|m| {
+        m.kv_cache_tokens.tokens().is_none()
+            && matches!(detect_family(&m.path).ok(), Some(Family::TextGeneration | Family::Speech))
+    }) {
         anyhow::bail!(
             "model {:?}: kv_cache_tokens = \"auto\" needs a known device memory (set [server] memory_limit, \
              or give a token count)",
@@ -994,7 +1104,7 @@ fn model_entry(m: &ModelConfig, metrics: &Metrics, wiring: &Wiring) -> anyhow::R
         Family::TextGeneration => text_model_entry(m, metrics, wiring),
         Family::Embedding => embedding_model_entry(m, metrics, wiring),
         Family::Diffusion => image_model_entry(m, metrics, wiring),
-        Family::Speech => anyhow::bail!("model {:?}: speech models are not served yet", m.name),
+        Family::Speech => speech_model_entry(m, metrics, wiring),
     }
 }
 
@@ -1031,6 +1141,47 @@ fn image_model_entry(m: &ModelConfig, metrics: &Metrics, wiring: &Wiring) -> any
         })
     });
     Ok(ModelEntry::with_kind(m.name.clone(), m.demo, m.preload, ModelKind::Image(model), loader))
+}
+
+/// A Qwen3-TTS folder: its prompt builder and limits now, a `TtsEngine` batcher on load.
+/// Reuses `device`, `dtype`, `block_size`, `kv_cache_tokens` (talker positions),
+/// `max_batch_tokens` (talker rows per step), `max_running` (utterances per step),
+/// `max_waiting` and `max_model_len`. Its memory is reserved like a text model's (weights,
+/// the talker's KV pool, the activation reserve), which `estimate_memory` does.
+fn speech_model_entry(m: &ModelConfig, metrics: &Metrics, wiring: &Wiring) -> anyhow::Result<Arc<ModelEntry>> {
+    let dir: PathBuf = m.path.clone();
+    let kv_cache_tokens = m
+        .kv_cache_tokens
+        .tokens()
+        .ok_or_else(|| anyhow::anyhow!("model {:?}: kv_cache_tokens = \"auto\" was not resolved", m.name))?;
+    let model = Arc::new(
+        SpeechModel::from_config(m, kv_cache_tokens)
+            .with_context(|| format!("model {:?} at {}: reading the speech model", m.name, dir.display()))?,
+    );
+    let opts = kiln_models::TtsEngineOptions {
+        device: m.device,
+        dtype: m.dtype,
+        block_size: m.block_size,
+        kv_cache_tokens,
+        max_batch_tokens: m.max_batch_tokens,
+        max_running: m.max_running,
+        max_model_len: model.max_model_len,
+    };
+    let batcher_config = wiring.batcher_config(m);
+    let model_metrics = metrics.for_model(&m.name);
+    let name = m.name.clone();
+    let loader: BackendLoader = Arc::new(move || {
+        let dir = dir.clone();
+        let opts = opts.clone();
+        let make_engine =
+            Arc::new(move || kiln_models::TtsEngine::load(&dir, &opts).map_err(|e| EngineError::Load(e.to_string())));
+        let (name, config, metrics) = (name.clone(), batcher_config.clone(), model_metrics.clone());
+        Box::pin(async move {
+            let handle = spawn_batcher(name, make_engine, config, metrics.clone()).await.map_err(|e| e.to_string())?;
+            Ok(Backend::Speech(Arc::new(SpeechBackend { handle, metrics })))
+        })
+    });
+    Ok(ModelEntry::with_kind(m.name.clone(), m.demo, m.preload, ModelKind::Speech(model), loader))
 }
 
 /// What an image model reserves: its three components' weights and the workspace of one

@@ -4,8 +4,9 @@
 //!
 //! Client → server: `{"type":"generate","id":..., <chat or completions fields>}`,
 //! `{"type":"embed","id":..., <embeddings fields>}`, `{"type":"image","id":..., <image generation
-//! fields>}`, `{"type":"cancel","id":...}`.
-//! Server → client: `token`, `done`, `embedding`, `image_step`, `image`, `error` events.
+//! fields>}`, `{"type":"speech","id":..., <audio/speech fields>}`, `{"type":"cancel","id":...}`.
+//! Server → client: `token`, `done`, `embedding`, `image_step`, `image`, `audio` (each followed
+//! by one binary message of PCM), `audio_done`, `error` events.
 //! Closing the socket cancels every generation it started (their receivers are dropped).
 
 use std::collections::HashMap;
@@ -20,6 +21,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::api::audio::{self, SpeechBody, SpeechJob, SpeechJobEvent};
 use crate::api::embeddings::{embed, EmbeddingBody};
 use crate::api::from_value;
 use crate::api::images::{image_item, prepare, step_fields, ImageBody, ImageJob, JobEvent};
@@ -40,6 +42,8 @@ pub async fn ws_handler(State(state): State<AppState>, ws: WebSocketUpgrade) -> 
 /// What generation tasks hand the session's writer.
 struct Outgoing {
     event: Value,
+    /// A binary message sent right after `event` (a speech request's PCM).
+    binary: Option<Vec<u8>>,
     /// Set on a generation's last event: its id leaves the active set when this is written.
     finished: Option<String>,
 }
@@ -91,6 +95,11 @@ where
                 if sink.send(text_message(&out.event)).await.is_err() {
                     break;
                 }
+                if let Some(bytes) = out.binary {
+                    if sink.send(Message::Binary(bytes.into())).await.is_err() {
+                        break;
+                    }
+                }
             }
         }
     }
@@ -134,11 +143,11 @@ fn handle_message(
         return Some(error_event(
             id.as_deref(),
             "invalid_message",
-            "missing `type`: expected \"generate\", \"embed\", \"image\" or \"cancel\"",
+            "missing `type`: expected \"generate\", \"embed\", \"image\", \"speech\" or \"cancel\"",
         ));
     };
     match kind {
-        "generate" | "embed" | "image" => {
+        "generate" | "embed" | "image" | "speech" => {
             let Some(id) = id else {
                 return Some(error_event(
                     None,
@@ -169,6 +178,7 @@ fn handle_message(
             let task = match kind {
                 "embed" => tokio::spawn(run_embedding(state, id.clone(), body, out, cancel_rx)),
                 "image" => tokio::spawn(run_image(state, id.clone(), body, out, cancel_rx)),
+                "speech" => tokio::spawn(run_speech(state, id.clone(), body, out, cancel_rx)),
                 _ => tokio::spawn(run_generation(state, id.clone(), body, out, cancel_rx)),
             };
             active.insert(id, ActiveGeneration { cancel: Some(cancel_tx), task });
@@ -189,7 +199,9 @@ fn handle_message(
         other => Some(error_event(
             id.as_deref(),
             "unknown_type",
-            &format!("unknown message type {other:?}: expected \"generate\", \"embed\", \"image\" or \"cancel\""),
+            &format!(
+                "unknown message type {other:?}: expected \"generate\", \"embed\", \"image\", \"speech\" or \"cancel\""
+            ),
         )),
     }
 }
@@ -216,7 +228,7 @@ async fn run_generation(
         let valid = validate(&body, endpoint, prompt, tok)?;
         submit(&state, &entry, valid).await
     };
-    let finished = |event: Value| Outgoing { event, finished: Some(id.clone()) };
+    let finished = |event: Value| Outgoing { event, binary: None, finished: Some(id.clone()) };
     let (g, mut rx) = tokio::select! {
         r = setup => match r {
             Ok(v) => v,
@@ -244,7 +256,7 @@ async fn run_generation(
                 let pending: Vec<usize> = (0..n).filter(|&i| open[i]).collect();
                 for (k, &i) in pending.iter().enumerate() {
                     let e = done_event(&id, i, "cancelled", prompt_tokens, produced[i]);
-                    let o = if k + 1 == pending.len() { finished(e) } else { Outgoing { event: e, finished: None } };
+                    let o = if k + 1 == pending.len() { finished(e) } else { Outgoing { event: e, binary: None, finished: None } };
                     let _ = out.send(o).await;
                 }
                 return;
@@ -283,7 +295,7 @@ async fn run_generation(
                 (v, remaining == 0)
             }
         };
-        let o = if last { finished(event) } else { Outgoing { event, finished: None } };
+        let o = if last { finished(event) } else { Outgoing { event, binary: None, finished: None } };
         if out.send(o).await.is_err() || last {
             return;
         }
@@ -317,7 +329,7 @@ async fn run_embedding(
         // Dropping `work` cancels the inputs still in the batcher.
         _ = &mut cancel => done_event(&id, 0, "cancelled", 0, 0),
     };
-    let _ = out.send(Outgoing { event, finished: Some(id) }).await;
+    let _ = out.send(Outgoing { event, binary: None, finished: Some(id) }).await;
 }
 
 /// Generates one `image` message's images: `image_step` events per denoising step (with a
@@ -337,7 +349,7 @@ async fn run_image(
         let job = ImageJob::start(&entry, &plan, requests).await?;
         Ok::<_, ApiError>((plan, job))
     };
-    let finished = |event: Value| Outgoing { event, finished: Some(id.clone()) };
+    let finished = |event: Value| Outgoing { event, binary: None, finished: Some(id.clone()) };
     let image_done =
         |index: usize, reason: &str| json!({"type": "done", "id": id, "index": index, "finish_reason": reason});
     let (plan, mut job) = tokio::select! {
@@ -363,7 +375,7 @@ async fn run_image(
                 let pending: Vec<usize> = (0..plan.n).filter(|&i| open[i]).collect();
                 for (k, &i) in pending.iter().enumerate() {
                     let e = image_done(i, "cancelled");
-                    let o = if k + 1 == pending.len() { finished(e) } else { Outgoing { event: e, finished: None } };
+                    let o = if k + 1 == pending.len() { finished(e) } else { Outgoing { event: e, binary: None, finished: None } };
                     let _ = out.send(o).await;
                 }
                 return;
@@ -409,12 +421,101 @@ async fn run_image(
         let last_batch = !open.contains(&true);
         let count = events.len();
         for (k, event) in events.into_iter().enumerate() {
-            let o = if last_batch && k + 1 == count { finished(event) } else { Outgoing { event, finished: None } };
+            let o = if last_batch && k + 1 == count {
+                finished(event)
+            } else {
+                Outgoing { event, binary: None, finished: None }
+            };
             if out.send(o).await.is_err() {
                 return;
             }
         }
         if last_batch {
+            return;
+        }
+    }
+}
+
+/// Speaks one `speech` message: per decoded chunk an `audio` event (JSON) followed by one
+/// binary message with its s16le PCM, then `audio_done` (`stop`, `length`, `timeout`, or
+/// `cancelled` after `cancel`), or an `error`.
+async fn run_speech(
+    state: AppState,
+    id: String,
+    body: Value,
+    out: mpsc::Sender<Outgoing>,
+    mut cancel: oneshot::Receiver<()>,
+) {
+    let setup = async {
+        let body: SpeechBody = from_value(body)?;
+        let (entry, plan, request) = audio::prepare(&state, &body)?;
+        let job = SpeechJob::start(&entry, &plan, request).await?;
+        Ok::<_, ApiError>((plan, job))
+    };
+    let finished = |event: Value| Outgoing { event, binary: None, finished: Some(id.clone()) };
+    let audio_done = |frames: usize, samples: usize, sample_rate: u32, reason: &str| {
+        json!({
+            "type": "audio_done",
+            "id": id,
+            "frames": frames,
+            "samples": samples,
+            "duration_s": samples as f64 / f64::from(sample_rate.max(1)),
+            "finish_reason": reason,
+        })
+    };
+    let (plan, mut job) = tokio::select! {
+        r = setup => match r {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = out.send(finished(api_error_event(&id, &e))).await;
+                return;
+            }
+        },
+        _ = &mut cancel => {
+            let _ = out.send(finished(audio_done(0, 0, 1, "cancelled"))).await;
+            return;
+        }
+    };
+    let sample_rate = plan.sample_rate;
+    loop {
+        let ev = tokio::select! {
+            ev = job.next() => ev,
+            _ = &mut cancel => {
+                let (frames, samples) = (job.frames(), job.samples());
+                // Dropping the job cancels the utterance.
+                drop(job);
+                let _ = out.send(finished(audio_done(frames, samples, sample_rate, "cancelled"))).await;
+                return;
+            }
+        };
+        let (event, binary) = match ev {
+            Some(SpeechJobEvent::Audio { samples, frames_total }) => {
+                let event = json!({
+                    "type": "audio",
+                    "id": id,
+                    "frames": samples.len() / plan.samples_per_frame.max(1),
+                    "samples": samples.len(),
+                    "frames_total": frames_total,
+                    "sample_rate": sample_rate,
+                    "format": "pcm_s16le",
+                });
+                (event, audio::pcm16(&samples))
+            }
+            Some(SpeechJobEvent::Done { reason }) => {
+                let _ = out.send(finished(audio_done(job.frames(), job.samples(), sample_rate, reason.as_str()))).await;
+                return;
+            }
+            Some(SpeechJobEvent::Failed(e)) => {
+                let _ = out.send(finished(api_error_event(&id, &e))).await;
+                return;
+            }
+            None => {
+                let e = error_event(Some(&id), "internal_error", "the speech request ended without finishing");
+                let _ = out.send(finished(e)).await;
+                return;
+            }
+        };
+        if out.send(Outgoing { event, binary: Some(binary), finished: None }).await.is_err() {
             return;
         }
     }

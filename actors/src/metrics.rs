@@ -11,14 +11,15 @@
 //! `kiln_queue_duration_seconds`, `kiln_prompt_tokens_total`, `kiln_generated_tokens_total`,
 //! `kiln_kv_cache_usage_ratio`, `kiln_kv_blocks_used`, `kiln_kv_blocks_total`,
 //! `kiln_preemptions_total`, `kiln_memory_bytes{kind=weights|kv|activations}`,
-//! `kiln_model_loaded`, `kiln_model_loads_total`, `kiln_model_unloads_total`.
+//! `kiln_model_loaded`, `kiln_model_loads_total`, `kiln_model_unloads_total`; speech models
+//! also `kiln_generated_audio_seconds_total` and `kiln_time_to_first_audio_seconds`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Why a request was refused (the `reason` of `kiln_rejected_total`).
@@ -61,6 +62,8 @@ pub struct Metrics {
     model_loaded: IntGaugeVec,
     model_loads: IntCounterVec,
     model_unloads: IntCounterVec,
+    audio_seconds: CounterVec,
+    ttfa: HistogramVec,
     /// Every model's children, to derive `kiln_kv_cache_usage_ratio` at scrape time.
     models: Arc<Mutex<BTreeMap<String, ModelMetrics>>>,
 }
@@ -144,6 +147,20 @@ impl Metrics {
             model_loaded: gauge("kiln_model_loaded", "1 while the model is loaded on its device.", &m),
             model_loads: counter("kiln_model_loads_total", "Times the model was loaded.", &m),
             model_unloads: counter("kiln_model_unloads_total", "Times the model was unloaded.", &m),
+            audio_seconds: {
+                let c = CounterVec::new(
+                    Opts::new("kiln_generated_audio_seconds_total", "Seconds of audio generated (speech models)."),
+                    &m,
+                )
+                .expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            ttfa: histogram(
+                "kiln_time_to_first_audio_seconds",
+                "Time from a speech request's submission to its first audio (speech models).",
+                latency_buckets(),
+            ),
             models: Default::default(),
             registry,
         }
@@ -190,6 +207,8 @@ impl Metrics {
             model_loaded: self.model_loaded.with_label_values(l),
             model_loads: self.model_loads.with_label_values(l),
             model_unloads: self.model_unloads.with_label_values(l),
+            audio_seconds: self.audio_seconds.with_label_values(l),
+            ttfa: self.ttfa.with_label_values(l),
         };
         models.insert(model.to_string(), m.clone());
         m
@@ -252,6 +271,10 @@ pub struct ModelMetrics {
     pub model_loaded: IntGauge,
     pub model_loads: IntCounter,
     pub model_unloads: IntCounter,
+    /// `kiln_generated_audio_seconds_total` (speech models; the API counts what it sends).
+    pub audio_seconds: Counter,
+    /// `kiln_time_to_first_audio_seconds` (speech models).
+    pub ttfa: Histogram,
 }
 
 impl ModelMetrics {

@@ -63,8 +63,10 @@ pub struct SpeechRequest {
     /// Most frames to generate (the utterance ends earlier at the codec eos).
     pub max_frames: usize,
     pub sampling: SpeechSampling,
-    /// Decode audio every this many frames (>= 1): the first audio leaves after this many
-    /// frames; larger chunks cost less per frame.
+    /// The first audio is decoded once this many frames exist (>= 1): the latency to first
+    /// audio.
+    pub first_chunk_frames: usize,
+    /// Later audio is decoded every this many frames (>= 1): larger chunks cost less per frame.
     pub chunk_frames: usize,
 }
 

@@ -442,6 +442,37 @@ impl<B: Backend> Runner<B> {
         Ok(Runner { model, decoder, cache, cp_cache, seqs: HashMap::new() })
     }
 
+    /// Runs the largest steps `spec` allows without touching live utterances: a prefill of the
+    /// whole row budget, then `max_running` utterances generating at the end of the context
+    /// (talker, code predictor for all of them, one decoded frame each).
+    fn warmup(&mut self, spec: &EngineSpec) -> Result<(), String> {
+        let (bs, nb) = (spec.block_size, spec.num_blocks);
+        let cap = (nb * bs).min(spec.max_model_len).max(1);
+        let h = self.model.spec.talker.hidden_size;
+        let dev = self.model.device.clone();
+        let dt = crate::weights::burn_dtype(self.model.dtype);
+        let t = spec.max_batch_tokens.min(cap).max(1);
+        let zeros = vec![0u32; t];
+        let blocks: Vec<u32> = (0..t.div_ceil(bs) as u32).collect();
+        let seq = ForwardSeq { tokens: &zeros, start: 0, block_table: &blocks, logits: true };
+        self.model.talker.forward_embeds(&[seq], Tensor::zeros([t, h], (&dev, dt)), &mut self.cache)?;
+        let rows = spec.max_running.min(spec.max_batch_tokens).max(1);
+        let table: Vec<u32> = (0..cap.div_ceil(bs) as u32).collect();
+        let decode: Vec<ForwardSeq<'_>> = (0..rows)
+            .map(|_| ForwardSeq { tokens: &zeros[..1], start: cap - 1, block_table: &table, logits: true })
+            .collect();
+        let hidden =
+            self.model.talker.forward_embeds(&decode, Tensor::zeros([rows, h], (&dev, dt)), &mut self.cache)?;
+        let hidden = hidden.ok_or("no talker output")?;
+        let _ = self.model.codec_logits(hidden.clone())?;
+        let codes = self.model.predict_codes(hidden, &vec![0; rows], &mut self.cp_cache, |_, _, _| 0)?;
+        for frame in codes {
+            let mut state = self.decoder.new_state();
+            self.decoder.push(&mut state, &[frame])?;
+        }
+        Ok(())
+    }
+
     fn step(&mut self, plan: StepPlan<SpeechRequest>) -> Result<Vec<SeqOutput<SpeechOutput>>, EngineError> {
         for id in &plan.released {
             self.seqs.remove(id);
@@ -504,11 +535,13 @@ impl<B: Backend> Runner<B> {
                 logits: s.sample,
             })
             .collect();
+        let t_prof = Instant::now();
         let Some(hidden) = self.model.talker.forward_embeds(&fseqs, x, &mut self.cache).map_err(err)? else {
             return Ok(Vec::new());
         };
         let sampled: Vec<SeqId> = plan.seqs.iter().filter(|s| s.sample).map(|s| s.id).collect();
         let logits = self.model.codec_logits(hidden.clone()).map_err(err)?;
+        let t_talker = t_prof.elapsed();
         let eos = self.model.spec.codec_eos;
         let mut outputs = Vec::with_capacity(sampled.len());
         // Utterances that got a new frame: (row in `hidden`, id, code0).
@@ -541,6 +574,7 @@ impl<B: Backend> Runner<B> {
                 self.seqs.get_mut(id).expect("framed utterance").pending += 1;
             }
         }
+        let t_cp = t_prof.elapsed();
         let mut out = Vec::with_capacity(outputs.len());
         for (id, mut finished) in outputs {
             let u = self.seqs.get_mut(&id).expect("checked above");
@@ -549,7 +583,8 @@ impl<B: Backend> Runner<B> {
                 finished = Some(FinishReason::Length);
             }
             let mut audio = Vec::new();
-            if u.pending > 0 && (u.pending >= u.req.chunk_frames.max(1) || finished.is_some()) {
+            let chunk = if u.pending == u.frames.len() { u.req.first_chunk_frames } else { u.req.chunk_frames };
+            if u.pending > 0 && (u.pending >= chunk.max(1) || finished.is_some()) {
                 let from = u.frames.len() - u.pending;
                 audio = self.decoder.push(&mut u.decoder, &u.frames[from..]).map_err(err)?;
                 u.pending = 0;
@@ -558,6 +593,13 @@ impl<B: Backend> Runner<B> {
                 if new_frame { vec![u.frames.last().expect("a frame was pushed").clone()] } else { Vec::new() };
             out.push(SeqOutput { id, output: SpeechOutput { frames, audio, frames_total: u.frames.len() }, finished });
         }
+        tracing::trace!(
+            rows = plan.seqs.len(),
+            talker_ms = t_talker.as_secs_f64() * 1e3,
+            code_predictor_ms = (t_cp - t_talker).as_secs_f64() * 1e3,
+            decoder_ms = (t_prof.elapsed() - t_cp).as_secs_f64() * 1e3,
+            "speech step"
+        );
         Ok(out)
     }
 }
@@ -565,7 +607,7 @@ impl<B: Backend> Runner<B> {
 enum Inner {
     Flex(Box<Runner<burn::backend::Flex>>),
     #[cfg(feature = "cuda")]
-    Cuda(Box<Runner<burn::backend::Cuda>>),
+    Cuda(Box<Runner<burn::backend::Cuda>>, usize),
 }
 
 /// A Qwen3-TTS CustomVoice engine (talker + code predictor + 12 Hz decoder) on Flex or CUDA.
@@ -574,6 +616,9 @@ pub struct TtsEngine {
     spec: EngineSpec,
     info: TtsModelInfo,
     talker: TalkerSpec,
+    /// Peak host-memory growth seen by `warmup` on the CPU, or the CUDA pool growth (0: not
+    /// measured).
+    activation_peak: u64,
 }
 
 impl TtsEngine {
@@ -600,16 +645,19 @@ impl TtsEngine {
                 Some(crate::flex_kv::write_runs),
             )?)),
             #[cfg(feature = "cuda")]
-            BackendChoice::Cuda(n) => Inner::Cuda(Box::new(Runner::load(
-                dir,
-                &talker,
-                &store,
-                burn::backend::cuda::CudaDevice::new(n),
-                opts,
-                num_blocks,
-                KvWriteMode::ScatterNd,
-                None,
-            )?)),
+            BackendChoice::Cuda(n) => Inner::Cuda(
+                Box::new(Runner::load(
+                    dir,
+                    &talker,
+                    &store,
+                    burn::backend::cuda::CudaDevice::new(n),
+                    opts,
+                    num_blocks,
+                    KvWriteMode::ScatterNd,
+                    None,
+                )?),
+                n,
+            ),
             #[cfg(not(feature = "cuda"))]
             BackendChoice::Cuda(n) => {
                 return Err(LoadError::Unsupported(format!("cuda:{n} requested but this build has no CUDA backend")))
@@ -618,7 +666,7 @@ impl TtsEngine {
         let (samples_per_frame, sample_rate) = match &inner {
             Inner::Flex(r) => (r.decoder.samples_per_frame(), r.decoder.cfg.output_sample_rate),
             #[cfg(feature = "cuda")]
-            Inner::Cuda(r) => (r.decoder.samples_per_frame(), r.decoder.cfg.output_sample_rate),
+            Inner::Cuda(r, _) => (r.decoder.samples_per_frame(), r.decoder.cfg.output_sample_rate),
         };
         let eb = dtype_bytes(opts.dtype);
         let t = &talker.talker;
@@ -644,7 +692,7 @@ impl TtsEngine {
             max_running: opts.max_running,
         };
         tracing::info!(device = %info.device, params = num_params, kv_blocks = num_blocks, seconds = info.load_seconds, "speech model loaded");
-        Ok(TtsEngine { inner, spec, info, talker })
+        Ok(TtsEngine { inner, spec, info, talker, activation_peak: 0 })
     }
 
     pub fn model_info(&self) -> &TtsModelInfo {
@@ -664,11 +712,42 @@ impl Engine for TtsEngine {
         self.spec.clone()
     }
 
+    fn warmup(&mut self) -> Result<(), EngineError> {
+        let spec = self.spec.clone();
+        match &mut self.inner {
+            Inner::Flex(r) => {
+                let probe = crate::memory::PeakProbe::start();
+                r.warmup(&spec).map_err(EngineError::Step)?;
+                if let Some(p) = probe {
+                    self.activation_peak = p.finish();
+                }
+            }
+            #[cfg(feature = "cuda")]
+            Inner::Cuda(r, n) => {
+                let n = *n;
+                let before = crate::engine::cuda_reserved_bytes(n);
+                r.warmup(&spec).map_err(EngineError::Step)?;
+                if let (Some(b), Some(a)) = (before, crate::engine::cuda_reserved_bytes(n)) {
+                    self.activation_peak = a.saturating_sub(b);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn memory(&self) -> kiln_actors::MemoryBytes {
+        kiln_actors::MemoryBytes {
+            weights: self.info.weights_bytes as u64,
+            kv: self.info.kv_cache_bytes as u64,
+            activations: self.activation_peak,
+        }
+    }
+
     fn step(&mut self, plan: StepPlan<SpeechRequest>) -> Result<Vec<SeqOutput<SpeechOutput>>, EngineError> {
         match &mut self.inner {
             Inner::Flex(r) => r.step(plan),
             #[cfg(feature = "cuda")]
-            Inner::Cuda(r) => r.step(plan),
+            Inner::Cuda(r, _) => r.step(plan),
         }
     }
 }

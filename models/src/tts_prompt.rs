@@ -629,7 +629,8 @@ impl TtsPrompter {
         Ok(TtsPrompt { text_track, codec_track, trailing_text, text_tokens: body.len(), instruct_used })
     }
 
-    /// The engine request for a built prompt (`chunk_frames` is raised to at least 1).
+    /// The engine request for a built prompt: the first audio is decoded after the first frame
+    /// (the lowest latency), later audio every `chunk_frames` (raised to at least 1).
     pub fn request(
         &self,
         prompt: TtsPrompt,
@@ -643,6 +644,7 @@ impl TtsPrompter {
             trailing_text: prompt.trailing_text,
             max_frames,
             sampling,
+            first_chunk_frames: 1,
             chunk_frames: chunk_frames.max(1),
         }
     }

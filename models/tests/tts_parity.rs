@@ -82,6 +82,7 @@ fn request(case: &Value, gen: &Value, chunk_frames: usize) -> SpeechRequest {
         trailing_text: u32s(&case["trailing_text"]),
         max_frames: gen["max_new_tokens"].as_u64().unwrap() as usize - 1,
         sampling,
+        first_chunk_frames: chunk_frames,
         chunk_frames,
     }
 }
@@ -302,4 +303,29 @@ fn batched_staggered_utterances_equal_each_alone() {
         let chunk = 1 + i % 3;
         assert_eq!(b.audio_steps, a.frames.len().div_ceil(chunk), "case {i}: audio every {chunk} frames");
     }
+    // A first chunk smaller than the later ones: audio after frame 1, then every 3 frames.
+    let case = &cases[0];
+    let mut req = request(case, &exp["generation"], 3);
+    req.first_chunk_frames = 1;
+    let u = run(&mut engine, vec![req], &[0]);
+    assert_eq!(u[0].frames, alone[0].frames);
+    assert_eq!(u[0].audio_steps, 1 + (alone[0].frames.len() - 1).div_ceil(3));
+    assert!(max_abs(&u[0].audio, &alone[0].audio) < 1e-5);
+}
+
+#[test]
+fn warmup_runs_the_largest_step_and_leaves_nothing_behind() {
+    let exp = expected();
+    let r = Reference::load();
+    let mut engine = engine(4);
+    engine.warmup().unwrap();
+    let mem = engine.memory();
+    assert!(mem.weights > 0 && mem.kv > 0);
+    if std::fs::write("/proc/self/clear_refs", "5").is_ok() {
+        assert!(mem.activations > 0, "the warm-up measured its workspace");
+    }
+    // The warm-up wrote scratch K/V; a real utterance afterwards is unaffected.
+    let case = &exp["cases"][0];
+    let u = run(&mut engine, vec![request(case, &exp["generation"], 2)], &[0]).remove(0);
+    assert_eq!(u.frames, r.codes(&format!("{}.codes", case["name"].as_str().unwrap())));
 }

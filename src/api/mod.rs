@@ -1,7 +1,8 @@
-//! HTTP routes (axum): OpenAI-compatible completions, embeddings and images, `/v1/generate`, tokenizer utilities,
+//! HTTP routes (axum): OpenAI-compatible completions, embeddings, images and speech, `/v1/generate`, tokenizer utilities,
 //! health/readiness/metrics, and the WebSocket upgrade.
 
 pub mod admin;
+pub mod audio;
 pub mod embeddings;
 pub mod generate;
 pub mod images;
@@ -41,6 +42,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/images/generations", post(images::generations))
         .route("/v1/images/edits", post(images::edits).layer(DefaultBodyLimit::max(crate::upload::MAX_UPLOAD_BYTES)))
         .route("/v1/images/simple", post(images::simple))
+        .route("/v1/audio/speech", post(audio::speech))
+        .route("/v1/audio/speech/simple", post(audio::simple))
         .route("/v1/ws", get(crate::ws::ws_handler))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
@@ -49,6 +52,7 @@ pub fn app(state: AppState) -> Router {
         .merge(inference)
         .route("/v1/models", get(list_models))
         .route("/v1/images/{file}", get(images::stored_image))
+        .route("/v1/audio/voices", get(audio::voices))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -163,6 +167,19 @@ async fn list_models(State(state): State<AppState>) -> Json<Value> {
                 kiln["scheduler"] = json!(i.info.scheduler.kind.name());
                 kiln["schedulers"] = json!(kiln_models::diffusion::scheduler_names());
             }
+            ModelKind::Speech(s) => {
+                kiln["family"] = json!("text-to-speech");
+                kiln["voices"] = json!(s.speakers());
+                kiln["languages"] = json!(s.languages());
+                kiln["instruct"] = json!(s.instruct_supported());
+                kiln["sample_rate"] = json!(s.sample_rate);
+                kiln["samples_per_frame"] = json!(s.samples_per_frame);
+                kiln["max_frames"] = json!(s.frame_cap(0));
+                kiln["max_speech_chars"] = json!(s.max_chars);
+                kiln["first_chunk_frames"] = json!(s.first_chunk_frames);
+                kiln["chunk_frames"] = json!(s.chunk_frames);
+                kiln["response_formats"] = json!(audio::FORMATS);
+            }
         }
         if let Some(h) = health.get(&m.name) {
             kiln["batcher"] = json!(health_str(h));
@@ -170,7 +187,7 @@ async fn list_models(State(state): State<AppState>) -> Json<Value> {
         match &load {
             LoadState::Ready(b) => {
                 let spec = b.spec();
-                if let Backend::Text(_) = b {
+                if let Backend::Text(_) | Backend::Speech(_) = b {
                     // An embedding engine's blocks are bookkeeping only: not shown.
                     kiln["max_model_len"] = json!(spec.max_model_len);
                     kiln["kv_blocks"] = json!(spec.num_blocks);

@@ -142,12 +142,11 @@ impl ComponentWeights {
         if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(weight_err(name, format!("{channels} channels do not split into {groups} groups")));
         }
-        Ok(GroupNorm {
-            w: self.load::<B, 1>(&format!("{name}.weight"), [channels], device, dtype)?,
-            b: self.load::<B, 1>(&format!("{name}.bias"), [channels], device, dtype)?,
-            groups,
-            eps,
-        })
+        let w = self.load::<B, 1>(&format!("{name}.weight"), [channels], device, dtype)?;
+        let b = self.load::<B, 1>(&format!("{name}.bias"), [channels], device, dtype)?;
+        let read = |t: &Tensor<B, 1>| t.clone().cast(BurnDType::F32).into_data().into_vec::<f32>().unwrap_or_default();
+        let host = on_host::<B>().then(|| (read(&w), read(&b)));
+        Ok(GroupNorm { w, b, groups, eps, host })
     }
 
     pub fn layer_norm<B: Backend>(
@@ -190,6 +189,8 @@ pub struct GroupNorm<B: Backend> {
     pub b: Tensor<B, 1>,
     pub groups: usize,
     pub eps: f64,
+    /// gamma and beta as f32 on the host, for the fused CPU path (read once at load).
+    pub host: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// Whether `B` is the CPU backend, where a fused host loop beats a chain of tensor ops.
@@ -261,13 +262,11 @@ impl<B: Backend> GroupNorm<B> {
     /// `silu(norm(x + shift))` with `shift` `[B, C]` added per channel when given.
     pub fn forward_fused(&self, x: Tensor<B, 4>, shift: Option<Tensor<B, 2>>, silu_out: bool) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
-        if on_host::<B>() && x.dtype() == BurnDType::F32 {
-            let read = |t: Tensor<B, 1>| t.cast(BurnDType::F32).into_data().into_vec::<f32>().unwrap_or_default();
+        if let (Some((gamma, beta)), BurnDType::F32) = (&self.host, x.dtype()) {
             let device = x.device();
             let mut v = x.into_data().into_vec::<f32>().expect("f32 data");
             let shift = shift.map(|s| s.cast(BurnDType::F32).into_data().into_vec::<f32>().expect("f32 data"));
-            let (gamma, beta) = (read(self.w.clone()), read(self.b.clone()));
-            group_norm_host(&mut v, [b, c, h * w], self.groups, self.eps, &gamma, &beta, shift.as_deref(), silu_out);
+            group_norm_host(&mut v, [b, c, h * w], self.groups, self.eps, gamma, beta, shift.as_deref(), silu_out);
             return Tensor::from_data(burn::tensor::TensorData::new(v, [b, c, h, w]), (&device, BurnDType::F32));
         }
         let x = match shift {

@@ -482,12 +482,8 @@ mod tests {
     #[test]
     fn shipped_configs_parse() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        for f in [
-            "config/qwen2.5-3b-instruct.toml",
-            "config/minilm.toml",
-            "config/sd15.toml",
-            "config/qwen3-tts.toml",
-        ] {
+        for f in ["config/qwen2.5-3b-instruct.toml", "config/minilm.toml", "config/sd15.toml", "config/qwen3-tts.toml"]
+        {
             let c = Config::load(&root.join(f)).unwrap();
             assert_eq!(c.models.len(), 1, "{f}");
         }

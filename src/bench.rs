@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kiln_actors::{
-    spawn_batcher, start_generation, BatcherConfig, ClientEvent, EngineError, Generation, Metrics, SamplingParams,
-    TextRequest,
+    spawn_batcher, start_generation, BatcherConfig, BatcherHandle, ClientEvent, Engine, EngineError, Generation,
+    Metrics, SamplingParams, TextRequest,
 };
 use kiln_models::{DType, DeviceSpec, HfTokenizer, TextEngine, TextEngineOptions};
 
@@ -102,6 +102,40 @@ pub fn rss_mib() -> (f64, f64) {
 }
 
 /// Prompts of exactly `len` tokens, different per request.
+/// Spawns the benchmark's batcher over an engine built (on its thread) by `load`, with a
+/// queue that never refuses the closed-loop clients.
+pub async fn spawn_bench_batcher<E, F, Err>(load: F, metrics: &Metrics) -> anyhow::Result<BatcherHandle<E>>
+where
+    E: Engine,
+    F: Fn() -> Result<E, Err> + Send + Sync + 'static,
+    Err: std::fmt::Display,
+{
+    let load = move || load().map_err(|e| EngineError::Load(e.to_string()));
+    let handle = spawn_batcher(
+        "bench".into(),
+        Arc::new(load),
+        BatcherConfig { max_waiting: 1 << 16, ..BatcherConfig::default() },
+        metrics.for_model("bench"),
+    )
+    .await?;
+    Ok(handle)
+}
+
+/// Prints the peak RSS, writes `results` as JSON to `json` if given, and stops the batcher.
+pub fn finish_bench<E: Engine, T: serde::Serialize>(
+    batcher: &BatcherHandle<E>,
+    results: &[T],
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let (_, peak) = rss_mib();
+    println!("peak RSS {peak:.0} MiB");
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(results)?)?;
+    }
+    batcher.stop();
+    Ok(())
+}
+
 fn make_prompts(tok: &HfTokenizer, len: usize, count: usize) -> anyhow::Result<Vec<Vec<u32>>> {
     let text = "The quick brown fox jumps over the lazy dog while the committee reviews the quarterly \
                 report on renewable energy, inference servers, batching, and the history of kilns. ";
@@ -134,13 +168,7 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<()> {
     let dir = args.model.clone();
     let factory_opts = opts.clone();
     let metrics = Metrics::new();
-    let batcher = spawn_batcher(
-        "bench".into(),
-        Arc::new(move || TextEngine::load(&dir, &factory_opts).map_err(|e| EngineError::Load(e.to_string()))),
-        BatcherConfig { max_waiting: 1 << 16, ..BatcherConfig::default() },
-        metrics.for_model("bench"),
-    )
-    .await?;
+    let batcher = spawn_bench_batcher(move || TextEngine::load(&dir, &factory_opts), &metrics).await?;
     let (rss_loaded, _) = rss_mib();
     println!(
         "model {} loaded in {:.1}s ({:?}, {:?}); RSS {:.0} MiB (before load {:.0} MiB); KV pool {} tokens",
@@ -181,13 +209,7 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<()> {
         );
         results.push(r);
     }
-    let (_, peak) = rss_mib();
-    println!("peak RSS {peak:.0} MiB");
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
-    }
-    batcher.stop();
-    Ok(())
+    finish_bench(&batcher, &results, args.json.as_deref())
 }
 
 async fn run_level(

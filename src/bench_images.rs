@@ -12,13 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use kiln_actors::{
-    spawn_batcher, BatcherConfig, BatcherHandle, EngineError, ImageEvent, ImageRequest, ImageStream, Metrics,
-};
+use kiln_actors::{BatcherHandle, ImageEvent, ImageRequest, ImageStream, Metrics};
 use kiln_models::clip::ClipTokenizer;
 use kiln_models::{DeviceSpec, DiffusionEngine, DiffusionEngineOptions};
 
-use crate::bench::{percentile, rss_mib, BenchDType};
+use crate::bench::{finish_bench, percentile, rss_mib, spawn_bench_batcher, BenchDType};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchImagesArgs {
@@ -93,14 +91,7 @@ async fn run_async(args: BenchImagesArgs) -> anyhow::Result<()> {
     let (rss0, _) = rss_mib();
     let t_load = Instant::now();
     let (dir, factory_opts) = (args.model.clone(), opts.clone());
-    let metrics = Metrics::new();
-    let batcher = spawn_batcher(
-        "bench".into(),
-        Arc::new(move || DiffusionEngine::load(&dir, &factory_opts).map_err(|e| EngineError::Load(e.to_string()))),
-        BatcherConfig { max_waiting: 1 << 16, ..BatcherConfig::default() },
-        metrics.for_model("bench"),
-    )
-    .await?;
+    let batcher = spawn_bench_batcher(move || DiffusionEngine::load(&dir, &factory_opts), &Metrics::new()).await?;
     let (rss_loaded, _) = rss_mib();
     println!(
         "pipeline {} loaded in {:.1}s ({:?}, {:?}); RSS {:.0} MiB (before load {:.0} MiB); {}x{}, {} steps, guidance {}",
@@ -162,13 +153,7 @@ async fn run_async(args: BenchImagesArgs) -> anyhow::Result<()> {
         );
         results.push(r);
     }
-    let (_, peak) = rss_mib();
-    println!("peak RSS {peak:.0} MiB");
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
-    }
-    batcher.stop();
-    Ok(())
+    finish_bench(&batcher, &results, args.json.as_deref())
 }
 
 async fn run_level(

@@ -12,13 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use kiln_actors::{
-    spawn_batcher, BatcherConfig, BatcherHandle, EngineError, Metrics, SpeechEvent, SpeechRequest, SpeechStream,
-};
+use kiln_actors::{BatcherHandle, Metrics, SpeechEvent, SpeechRequest, SpeechStream};
 use kiln_models::tts_prompt::TtsPrompter;
 use kiln_models::{DeviceSpec, TtsEngine, TtsEngineOptions};
 
-use crate::bench::{percentile, rss_mib, BenchDType};
+use crate::bench::{finish_bench, percentile, rss_mib, spawn_bench_batcher, BenchDType};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchSpeechArgs {
@@ -108,14 +106,7 @@ async fn run_async(args: BenchSpeechArgs) -> anyhow::Result<()> {
     let (rss0, _) = rss_mib();
     let t_load = Instant::now();
     let (dir, factory_opts) = (args.model.clone(), opts.clone());
-    let metrics = Metrics::new();
-    let batcher = spawn_batcher(
-        "bench".into(),
-        Arc::new(move || TtsEngine::load(&dir, &factory_opts).map_err(|e| EngineError::Load(e.to_string()))),
-        BatcherConfig { max_waiting: 1 << 16, ..BatcherConfig::default() },
-        metrics.for_model("bench"),
-    )
-    .await?;
+    let batcher = spawn_bench_batcher(move || TtsEngine::load(&dir, &factory_opts), &Metrics::new()).await?;
     let (rss_loaded, _) = rss_mib();
     let codec = kiln_models::tts_decoder::TtsDecoderConfig::from_dir(&args.model.join("speech_tokenizer"))?;
     let (rate, spf) = (codec.output_sample_rate, codec.samples_per_frame());
@@ -173,13 +164,7 @@ async fn run_async(args: BenchSpeechArgs) -> anyhow::Result<()> {
         );
         results.push(r);
     }
-    let (_, peak) = rss_mib();
-    println!("peak RSS {peak:.0} MiB");
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
-    }
-    batcher.stop();
-    Ok(())
+    finish_bench(&batcher, &results, args.json.as_deref())
 }
 
 /// Per utterance: first output, first audio, end (ms from submission), frames, samples.

@@ -412,6 +412,10 @@ struct Utterance<B: Backend> {
     decoder: TtsDecoderState<B>,
 }
 
+/// An utterance with audio due this step: its slot in the batched decode, its decoder state
+/// and its pending frames.
+type DueDecode<'a, B> = (usize, &'a mut TtsDecoderState<B>, &'a [Vec<u32>]);
+
 struct Runner<B: Backend> {
     model: TtsModel<B>,
     decoder: TtsDecoder<B>,
@@ -575,20 +579,45 @@ impl<B: Backend> Runner<B> {
             }
         }
         let t_cp = t_prof.elapsed();
-        let mut out = Vec::with_capacity(outputs.len());
+        // Which utterances end now and which have audio due; then one batched decode for all.
+        let mut ends = Vec::with_capacity(outputs.len());
+        let mut due: HashMap<SeqId, usize> = HashMap::new();
         for (id, mut finished) in outputs {
-            let u = self.seqs.get_mut(&id).expect("checked above");
+            let u = &self.seqs[&id];
             let new_frame = finished.is_none();
             if new_frame && u.frames.len() >= u.req.max_frames {
                 finished = Some(FinishReason::Length);
             }
-            let mut audio = Vec::new();
             let chunk = if u.pending == u.frames.len() { u.req.first_chunk_frames } else { u.req.chunk_frames };
             if u.pending > 0 && (u.pending >= chunk.max(1) || finished.is_some()) {
-                let from = u.frames.len() - u.pending;
-                audio = self.decoder.push(&mut u.decoder, &u.frames[from..]).map_err(err)?;
-                u.pending = 0;
+                due.insert(id, due.len());
             }
+            ends.push((id, new_frame, finished));
+        }
+        let mut audio: Vec<Vec<f32>> = Vec::new();
+        if !due.is_empty() {
+            let mut states: Vec<DueDecode<'_, B>> = self
+                .seqs
+                .iter_mut()
+                .filter_map(|(id, u)| {
+                    let slot = *due.get(id)?;
+                    let from = u.frames.len() - u.pending;
+                    u.pending = 0;
+                    Some((slot, &mut u.decoder, &u.frames[from..]))
+                })
+                .collect();
+            states.sort_by_key(|s| s.0);
+            let frames: Vec<&[Vec<u32>]> = states.iter().map(|s| s.2).collect();
+            let mut refs: Vec<&mut TtsDecoderState<B>> = Vec::with_capacity(states.len());
+            for (_, st, _) in states.iter_mut() {
+                refs.push(st);
+            }
+            audio = self.decoder.push_batch(&mut refs, &frames).map_err(err)?;
+        }
+        let mut out = Vec::with_capacity(ends.len());
+        for (id, new_frame, finished) in ends {
+            let u = &self.seqs[&id];
+            let audio = due.get(&id).map(|&slot| std::mem::take(&mut audio[slot])).unwrap_or_default();
             let frames =
                 if new_frame { vec![u.frames.last().expect("a frame was pushed").clone()] } else { Vec::new() };
             out.push(SeqOutput { id, output: SpeechOutput { frames, audio, frames_total: u.frames.len() }, finished });

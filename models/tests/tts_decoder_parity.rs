@@ -60,6 +60,12 @@ fn load() -> TtsDecoder<Flex> {
     TtsDecoder::<Flex>::from_dir(&fixtures().join("speech_tokenizer"), &FlexDevice, DType::F32).unwrap()
 }
 
+/// The same decoder on the tensor path (the generic Burn ops of the other backends).
+fn load_tensor_path() -> TtsDecoder<Flex> {
+    let dir = fixtures().join("speech_tokenizer");
+    TtsDecoder::<Flex>::from_dir_with_host_path(&dir, &FlexDevice, DType::F32, false).unwrap()
+}
+
 #[test]
 fn config_and_left_context() {
     let exp = expected();
@@ -81,14 +87,20 @@ fn config_and_left_context() {
     assert!(err.contains("decode_upsample_rate"), "{err}");
 }
 
+/// The waveform of every case on the host path (Flex f32's) and on the tensor path.
 #[test]
 fn waveform_matches_reference_full_and_streamed() {
+    check_waveforms(&load());
+    check_waveforms(&load_tensor_path());
+}
+
+fn check_waveforms(model: &TtsDecoder<Flex>) {
+    let path = if model.host_path() { "host" } else { "tensor" };
     let exp = expected();
     let tol = exp["tolerances"]["waveform_max_abs"].as_f64().unwrap() as f32;
     let chunk_tol = exp["tolerances"]["chunked_vs_full_max_abs"].as_f64().unwrap() as f32;
     let chunk = exp["streaming"]["chunk_frames"].as_u64().unwrap() as usize;
     let reference = Reference::load();
-    let model = load();
     let spf = model.samples_per_frame();
     for case in exp["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
@@ -98,7 +110,7 @@ fn waveform_matches_reference_full_and_streamed() {
         let wav = model.decode(&codes).unwrap();
         assert_eq!(wav.len(), codes.len() * spf, "{name}");
         let err = max_abs(&wav, &want);
-        eprintln!("{name}: {} frames, full decode max |Δ| {err:.3e}", codes.len());
+        eprintln!("{path} path, {name}: {} frames, full decode max |Δ| {err:.3e}", codes.len());
         assert!(err <= tol, "{name}: waveform max |Δ| {err} > {tol}");
         // The one-pass tensor forward.
         let one_pass = model.forward(&codes).unwrap().into_data().into_vec::<f32>().unwrap();
@@ -107,7 +119,7 @@ fn waveform_matches_reference_full_and_streamed() {
 
         // Upstream's chunked_decode: chunks re-decoded with the exact left context.
         let want_chunked = reference.f32s(&format!("{name}.wav_chunked"));
-        let mut chunked = TtsChunkedDecoder::new(&model);
+        let mut chunked = TtsChunkedDecoder::new(model);
         let mut out_chunked = Vec::with_capacity(wav.len());
         for frames in codes.chunks(chunk) {
             let out = chunked.push(frames).unwrap();
@@ -116,7 +128,9 @@ fn waveform_matches_reference_full_and_streamed() {
         }
         let err_chunked = max_abs(&out_chunked, &want_chunked);
         let err_self = max_abs(&out_chunked, &wav);
-        eprintln!("{name}: chunked ({chunk}/chunk) vs wav_chunked {err_chunked:.3e}, vs own full {err_self:.3e}");
+        eprintln!(
+            "{path} path, {name}: chunked ({chunk}/chunk) vs wav_chunked {err_chunked:.3e}, vs own full {err_self:.3e}"
+        );
         assert!(err_chunked <= tol, "{name}: chunked vs wav_chunked {err_chunked} > {tol}");
         assert!(err_self <= chunk_tol, "{name}: chunked vs full {err_self} > {chunk_tol}");
 
@@ -136,7 +150,7 @@ fn waveform_matches_reference_full_and_streamed() {
         assert_eq!(state.frames(), codes.len());
         let err_stream = max_abs(&streamed, &want);
         let err_stream_self = max_abs(&streamed, &wav);
-        eprintln!("{name}: stateful stream vs wav {err_stream:.3e}, vs own full {err_stream_self:.3e}");
+        eprintln!("{path} path, {name}: stateful stream vs wav {err_stream:.3e}, vs own full {err_stream_self:.3e}");
         assert!(err_stream <= tol, "{name}: stream vs wav {err_stream} > {tol}");
         assert!(err_stream_self <= chunk_tol, "{name}: stream vs full {err_stream_self} > {chunk_tol}");
     }
@@ -175,4 +189,83 @@ fn f16_decode_and_stream_run_close_to_reference() {
     let (err, err_stream) = (max_abs(&wav, &want), max_abs(&streamed, &want));
     eprintln!("f16: full vs reference {err:.3e}, stream vs reference {err_stream:.3e}");
     assert!(err <= F16_TOL && err_stream <= F16_TOL, "f16 {err} / {err_stream} > {F16_TOL}");
+}
+
+/// Several streams decoded together equal each decoded alone: `push_batch` with uneven and
+/// empty pushes per step against one `push` per stream, on the host path (Flex f32) and the
+/// tensor path (one push per stream inside).
+#[test]
+fn push_batch_equals_individual_pushes() {
+    let exp = expected();
+    let tol = exp["tolerances"]["waveform_max_abs"].as_f64().unwrap() as f32;
+    let chunk_tol = exp["tolerances"]["chunked_vs_full_max_abs"].as_f64().unwrap() as f32;
+    let reference = Reference::load();
+    let names: Vec<&str> = exp["cases"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    let codes: Vec<Vec<Vec<u32>>> = names.iter().map(|n| reference.codes(&format!("{n}.codes"))).collect();
+    let host = load();
+    assert!(host.host_path(), "Flex f32 decodes on the host path");
+    let tensor = load_tensor_path();
+    assert!(!tensor.host_path());
+    for model in [&host, &tensor] {
+        // Alone: pushes of 1, 2, 3, 1, ... frames.
+        let alone: Vec<Vec<f32>> = codes
+            .iter()
+            .map(|c| {
+                let mut state = model.new_state();
+                let mut out = Vec::new();
+                let (mut rest, mut k) = (&c[..], 0);
+                while !rest.is_empty() {
+                    let (now, later) = rest.split_at((k % 3 + 1).min(rest.len()));
+                    out.extend(model.push(&mut state, now).unwrap());
+                    (rest, k) = (later, k + 1);
+                }
+                out
+            })
+            .collect();
+        // Together: stream `i` pushes `(step + i) % 4` frames at each step (0 .. 3, so some
+        // streams push nothing at some steps and the counts differ).
+        let mut states: Vec<_> = codes.iter().map(|_| model.new_state()).collect();
+        let mut done = vec![0usize; codes.len()];
+        let mut together = vec![Vec::new(); codes.len()];
+        let mut step = 0;
+        while done.iter().zip(&codes).any(|(&d, c)| d < c.len()) {
+            let frames: Vec<&[Vec<u32>]> = codes
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let take = ((step + i) % 4).min(c.len() - done[i]);
+                    &c[done[i]..done[i] + take]
+                })
+                .collect();
+            let mut refs: Vec<_> = states.iter_mut().collect();
+            let outs = model.push_batch(&mut refs, &frames).unwrap();
+            for (i, (o, f)) in outs.into_iter().zip(&frames).enumerate() {
+                assert_eq!(o.len(), f.len() * model.samples_per_frame(), "{}", names[i]);
+                together[i].extend(o);
+                done[i] += f.len();
+            }
+            step += 1;
+        }
+        for (i, name) in names.iter().enumerate() {
+            assert_eq!(states[i].frames(), codes[i].len());
+            let err = max_abs(&together[i], &alone[i]);
+            let err_ref = max_abs(&together[i], &reference.f32s(&format!("{name}.wav")));
+            eprintln!("host path {}, {name}: push_batch vs alone {err:.3e}, vs wav {err_ref:.3e}", model.host_path());
+            assert!(err <= chunk_tol, "{name}: push_batch vs alone {err} > {chunk_tol}");
+            assert!(err_ref <= tol, "{name}: push_batch vs wav {err_ref} > {tol}");
+        }
+    }
+
+    // Bad codes in one stream leave every state untouched; a state of the other path is refused.
+    let mut a = host.new_state();
+    let mut b = host.new_state();
+    let bad = [vec![host.cfg.codebook_size as u32; 16]];
+    let err = host.push_batch(&mut [&mut a, &mut b], &[&codes[0][..2], &bad[..]]).unwrap_err();
+    assert!(err.contains("out of the codebook"), "{err}");
+    assert_eq!((a.frames(), b.frames()), (0, 0));
+    let err = tensor.push(&mut a, &codes[0][..1]).unwrap_err();
+    assert!(err.contains("made by a decoder on the host path"), "{err}");
+    let mut t = tensor.new_state();
+    let err = host.push(&mut t, &codes[0][..1]).unwrap_err();
+    assert!(err.contains("made by a decoder on the tensor path"), "{err}");
 }

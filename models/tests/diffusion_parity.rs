@@ -3,10 +3,13 @@
 //! CLIP text encoder hidden states, and every scheduler's timesteps and latents after each
 //! step, on host vectors and on Burn tensors.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
+use common::{max_abs, Reference};
 use kiln_models::clip::{ClipOutput, ClipTextModel, ClipTokenizer};
 use kiln_models::schedulers::{Latents, Scheduler, SchedulerConfig, SchedulerKind};
 use kiln_models::DType;
@@ -18,10 +21,7 @@ const HIDDEN_TOL: f32 = 1e-4;
 const LATENT_TOL: f32 = 1e-5;
 
 fn fixtures() -> PathBuf {
-    std::env::var_os("KILN_FIXTURES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"))
-        .join("sd-tiny")
+    common::fixtures("sd-tiny")
 }
 
 fn expected() -> Value {
@@ -36,19 +36,9 @@ fn u32s(v: &Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
 /// A named float32 tensor of expected.safetensors, flattened.
 fn reference_tensor(name: &str) -> (Vec<f32>, Vec<usize>) {
-    let bytes = std::fs::read(fixtures().join("expected.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert_eq!(t.dtype(), safetensors::Dtype::F32);
-    let v = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    (v, t.shape().to_vec())
+    Reference::load(&fixtures().join("expected.safetensors")).get(name).unwrap_or_else(|| panic!("{name} missing"))
 }
 
 #[test]

@@ -4,6 +4,9 @@
 //! The real all-MiniLM-L6-v2 check runs when /tmp/kiln-models/minilm (or `KILN_MINILM_DIR`)
 //! exists; fetch it with `bash ../shared/tools/real-models.sh`.
 
+mod common;
+
+use common::max_abs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -19,9 +22,7 @@ use serde_json::Value;
 const TOL: f32 = 1e-5;
 
 fn fixtures() -> PathBuf {
-    std::env::var_os("KILN_FIXTURES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"))
+    common::fixtures("")
 }
 
 fn expected(dir: &Path) -> Value {
@@ -57,11 +58,6 @@ fn vectors(v: &Value) -> Vec<Vec<f32>> {
         .iter()
         .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
         .collect()
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "vector lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {

@@ -7,11 +7,14 @@
 //! recorded random draws fed back in. Then batch invariance: jobs started at different steps
 //! and batched together end with the same latents and image as each alone.
 
+mod common;
+
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 
 use burn::backend::flex::FlexDevice;
 use burn::backend::Flex;
+use common::{max_abs, Reference};
 use kiln_actors::{ImageRequest, InitImage, RgbImage};
 use kiln_models::clip::ClipTokenizer;
 use kiln_models::diffusion::{DiffusionInfo, DiffusionPipeline, ImageJob, NoiseRng, NoiseSource};
@@ -27,37 +30,15 @@ const EMBED_TOL: f32 = 1e-4;
 const IMAGE_TOL: f32 = 1e-3;
 
 fn fixtures() -> PathBuf {
-    std::env::var_os("KILN_FIXTURES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"))
-        .join("sd-tiny")
+    common::fixtures("sd-tiny")
 }
 
 fn expected() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("pipeline_expected.json")).unwrap()).unwrap()
 }
 
-struct Reference(Vec<u8>);
-
-impl Reference {
-    fn load() -> Self {
-        Reference(std::fs::read(fixtures().join("pipeline_expected.safetensors")).unwrap())
-    }
-    fn get(&self, name: &str) -> Option<(Vec<f32>, Vec<usize>)> {
-        let st = safetensors::SafeTensors::deserialize(&self.0).unwrap();
-        let t = st.tensor(name).ok()?;
-        assert_eq!(t.dtype(), safetensors::Dtype::F32);
-        let v = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        Some((v, t.shape().to_vec()))
-    }
-    fn tensor(&self, name: &str) -> Vec<f32> {
-        self.get(name).unwrap_or_else(|| panic!("{name} missing")).0
-    }
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+fn reference() -> Reference {
+    Reference::load(&fixtures().join("pipeline_expected.safetensors"))
 }
 
 /// Recorded draws, handed out in order; a draw of the wrong size or one too many fails.
@@ -112,15 +93,15 @@ fn case_request(case: &Value, refs: &Reference, tok: &ClipTokenizer) -> (ImageRe
     let (w, h) = (case["width"].as_u64().unwrap() as usize, case["height"].as_u64().unwrap() as usize);
     let mut draws = VecDeque::new();
     let init_image = if case["kind"] == "img2img" {
-        let pixels = refs.tensor(&format!("{name}.init_pixels"));
-        draws.push_back(refs.tensor(&format!("{name}.encoder_eps")));
-        draws.push_back(refs.tensor(&format!("{name}.add_noise")));
+        let pixels = refs.f32s(&format!("{name}.init_pixels"));
+        draws.push_back(refs.f32s(&format!("{name}.encoder_eps")));
+        draws.push_back(refs.f32s(&format!("{name}.add_noise")));
         Some(InitImage {
             image: RgbImage { width: w, height: h, data: pixels.iter().map(|&x| x as u8).collect() },
             strength: case["strength"].as_f64().unwrap(),
         })
     } else {
-        draws.push_back(refs.tensor(&format!("{name}.init_latents")));
+        draws.push_back(refs.f32s(&format!("{name}.init_latents")));
         None
     };
     if let Some((noise, shape)) = refs.get(&format!("{name}.noise")) {
@@ -149,7 +130,7 @@ fn unlimited(_: [usize; 3]) -> usize {
 #[test]
 fn pipelines_match_diffusers_step_by_step() {
     let exp = expected();
-    let refs = Reference::load();
+    let refs = reference();
     let mut pipes = Pipes::new();
     let cases = exp["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 7);
@@ -165,19 +146,19 @@ fn pipelines_match_diffusers_step_by_step() {
 
         let (cond, uncond) = job.embeddings();
         let read = |t: &burn::tensor::Tensor<Flex, 3>| t.clone().into_data().into_vec::<f32>().unwrap();
-        let d = max_abs(&read(cond), &refs.tensor(&format!("{name}.prompt_embeds")));
+        let d = max_abs(&read(cond), &refs.f32s(&format!("{name}.prompt_embeds")));
         assert!(d < EMBED_TOL, "{name}: prompt embeddings differ by {d}");
         match (uncond, case["classifier_free_guidance"].as_bool().unwrap()) {
             (Some(u), true) => {
-                let d = max_abs(&read(u), &refs.tensor(&format!("{name}.negative_prompt_embeds")));
+                let d = max_abs(&read(u), &refs.f32s(&format!("{name}.negative_prompt_embeds")));
                 assert!(d < EMBED_TOL, "{name}: negative embeddings differ by {d}");
             }
             (None, false) => {}
             (u, cfg) => panic!("{name}: unconditional branch {} but diffusers' CFG is {cfg}", u.is_some()),
         }
         if case["kind"] == "img2img" {
-            let d = max_abs(job.latents(), &refs.tensor(&format!("{name}.init_latents")));
-            let scale = refs.tensor(&format!("{name}.init_latents")).iter().fold(1f32, |m, x| m.max(x.abs()));
+            let d = max_abs(job.latents(), &refs.f32s(&format!("{name}.init_latents")));
+            let scale = refs.f32s(&format!("{name}.init_latents")).iter().fold(1f32, |m, x| m.max(x.abs()));
             assert!(d / scale < LATENT_REL_TOL, "{name}: noised init latents differ by {d}");
         }
 
@@ -199,7 +180,7 @@ fn pipelines_match_diffusers_step_by_step() {
         assert!(job.is_done());
 
         // The image: NHWC in [0, 1] from diffusers; Kiln decodes [3, H, W].
-        let want = refs.tensor(&format!("{name}.image"));
+        let want = refs.f32s(&format!("{name}.image"));
         let (w, h) = (req.width, req.height);
         let got = p.decode_jobs(&[&job]).unwrap().remove(0);
         let mut got_hwc = vec![0f32; got.len()];

@@ -3,57 +3,27 @@
 //! the 24 kHz waveform (`wav`, the full decode), and the chunk-by-chunk decode with the exact
 //! left context (`wav_chunked`, and the full decode).
 
+mod common;
+
 use std::path::PathBuf;
 
 use burn::backend::flex::FlexDevice;
 use burn::backend::Flex;
+use common::{max_abs, Reference};
 use kiln_models::tts_decoder::{TtsChunkedDecoder, TtsDecoder, TtsDecoderConfig};
 use kiln_models::DType;
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
-    std::env::var_os("KILN_FIXTURES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"))
-        .join("tts-tiny")
+    common::fixtures("tts-tiny")
 }
 
 fn expected() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap()).unwrap()
 }
 
-struct Reference(Vec<u8>);
-
-impl Reference {
-    fn load() -> Self {
-        Reference(std::fs::read(fixtures().join("expected.safetensors")).unwrap())
-    }
-
-    fn f32s(&self, name: &str) -> Vec<f32> {
-        let st = safetensors::SafeTensors::deserialize(&self.0).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
-        t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-    }
-
-    /// `[frames, 16]` i64 codes.
-    fn codes(&self, name: &str) -> Vec<Vec<u32>> {
-        let st = safetensors::SafeTensors::deserialize(&self.0).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(t.dtype(), safetensors::Dtype::I64, "{name}");
-        let cols = t.shape()[1];
-        let v: Vec<u32> = t
-            .data()
-            .chunks_exact(8)
-            .map(|c| u32::try_from(i64::from_le_bytes(c.try_into().unwrap())).unwrap())
-            .collect();
-        v.chunks_exact(cols).map(<[u32]>::to_vec).collect()
-    }
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+fn reference() -> Reference {
+    Reference::load(&fixtures().join("expected.safetensors"))
 }
 
 fn load() -> TtsDecoder<Flex> {
@@ -100,7 +70,7 @@ fn check_waveforms(model: &TtsDecoder<Flex>) {
     let tol = exp["tolerances"]["waveform_max_abs"].as_f64().unwrap() as f32;
     let chunk_tol = exp["tolerances"]["chunked_vs_full_max_abs"].as_f64().unwrap() as f32;
     let chunk = exp["streaming"]["chunk_frames"].as_u64().unwrap() as usize;
-    let reference = Reference::load();
+    let reference = reference();
     let spf = model.samples_per_frame();
     for case in exp["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
@@ -176,7 +146,7 @@ fn bad_codes_are_rejected() {
 #[test]
 fn f16_decode_and_stream_run_close_to_reference() {
     const F16_TOL: f32 = 3e-2;
-    let reference = Reference::load();
+    let reference = reference();
     let codes = reference.codes("en_aiden.codes");
     let want = reference.f32s("en_aiden.wav");
     let m = TtsDecoder::<Flex>::from_dir(&fixtures().join("speech_tokenizer"), &FlexDevice, DType::F16).unwrap();
@@ -199,7 +169,7 @@ fn push_batch_equals_individual_pushes() {
     let exp = expected();
     let tol = exp["tolerances"]["waveform_max_abs"].as_f64().unwrap() as f32;
     let chunk_tol = exp["tolerances"]["chunked_vs_full_max_abs"].as_f64().unwrap() as f32;
-    let reference = Reference::load();
+    let reference = reference();
     let names: Vec<&str> = exp["cases"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
     let codes: Vec<Vec<Vec<u32>>> = names.iter().map(|n| reference.codes(&format!("{n}.codes"))).collect();
     let host = load();

@@ -4,12 +4,15 @@
 //! the repetition penalty, min_new_tokens, suppression and the max_new_tokens cap) and the
 //! waveform; then the same utterances batched together at staggered starts.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use burn::backend::flex::FlexDevice;
 use burn::backend::Flex;
 use burn::tensor::Tensor;
+use common::{max_abs, Reference};
 use kiln_actors::engine::{Engine, FinishReason, ScheduledSeq, StepPlan};
 use kiln_actors::{SpeechOutput, SpeechRequest, SpeechSampling};
 use kiln_models::qwen2::{ForwardSeq, KvCache, KvWriteMode};
@@ -19,47 +22,15 @@ use kiln_models::{DType, DeviceSpec};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
-    std::env::var_os("KILN_FIXTURES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"))
-        .join("tts-tiny")
+    common::fixtures("tts-tiny")
 }
 
 fn expected() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap()).unwrap()
 }
 
-struct Reference(Vec<u8>);
-
-impl Reference {
-    fn load() -> Self {
-        Reference(std::fs::read(fixtures().join("expected.safetensors")).unwrap())
-    }
-
-    fn f32s(&self, name: &str) -> Vec<f32> {
-        let st = safetensors::SafeTensors::deserialize(&self.0).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
-        t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-    }
-
-    fn codes(&self, name: &str) -> Vec<Vec<u32>> {
-        let st = safetensors::SafeTensors::deserialize(&self.0).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(t.dtype(), safetensors::Dtype::I64, "{name}");
-        let cols = t.shape()[1];
-        let v: Vec<u32> = t
-            .data()
-            .chunks_exact(8)
-            .map(|c| u32::try_from(i64::from_le_bytes(c.try_into().unwrap())).unwrap())
-            .collect();
-        v.chunks_exact(cols).map(<[u32]>::to_vec).collect()
-    }
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+fn reference() -> Reference {
+    Reference::load(&fixtures().join("expected.safetensors"))
 }
 
 fn host(x: Tensor<Flex, 2>) -> Vec<f32> {
@@ -97,7 +68,7 @@ fn load_model() -> TtsModel<Flex> {
 #[test]
 fn talker_inputs_and_logits_match() {
     let exp = expected();
-    let r = Reference::load();
+    let r = reference();
     let model = load_model();
     let tol = 1e-4;
     for case in exp["cases"].as_array().unwrap() {
@@ -144,7 +115,7 @@ fn talker_inputs_and_logits_match() {
 #[test]
 fn step_rows_match_fed_frames() {
     let exp = expected();
-    let r = Reference::load();
+    let r = reference();
     let model = load_model();
     let pad = model.spec.tts_pad;
     for case in exp["cases"].as_array().unwrap() {
@@ -266,7 +237,7 @@ fn run(engine: &mut TtsEngine, reqs: Vec<SpeechRequest>, starts: &[usize]) -> Ve
 #[test]
 fn every_case_gives_the_recorded_codes_and_waveform() {
     let exp = expected();
-    let r = Reference::load();
+    let r = reference();
     let tol = exp["tolerances"]["waveform_max_abs"].as_f64().unwrap_or(1e-4) as f32;
     let mut engine = engine(4);
     for case in exp["cases"].as_array().unwrap() {
@@ -316,7 +287,7 @@ fn batched_staggered_utterances_equal_each_alone() {
 #[test]
 fn warmup_runs_the_largest_step_and_leaves_nothing_behind() {
     let exp = expected();
-    let r = Reference::load();
+    let r = reference();
     let mut engine = engine(4);
     engine.warmup().unwrap();
     let mem = engine.memory();

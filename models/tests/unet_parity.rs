@@ -4,6 +4,9 @@
 //! a batch of two latents at different timesteps, each item alone against its row of the batch,
 //! and the `AutoencoderKL`'s decode and encode.
 
+mod common;
+
+use common::{max_abs, Reference};
 use std::path::PathBuf;
 
 use burn::backend::Flex;
@@ -20,20 +23,14 @@ const BATCH_TOL: f32 = 1e-5;
 const VAE_TOL: f32 = 1e-5;
 
 fn fixtures() -> PathBuf {
-    std::env::var_os("KILN_FIXTURES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"))
-        .join("sd-tiny")
+    common::fixtures("sd-tiny")
 }
 
 /// A named float32 tensor of unet_vae_expected.safetensors, flattened, with its shape.
 fn reference(name: &str) -> (Vec<f32>, Vec<usize>) {
-    let bytes = std::fs::read(fixtures().join("unet_vae_expected.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert_eq!(t.dtype(), safetensors::Dtype::F32);
-    let v = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    (v, t.shape().to_vec())
+    Reference::load(&fixtures().join("unet_vae_expected.safetensors"))
+        .get(name)
+        .unwrap_or_else(|| panic!("{name} missing"))
 }
 
 fn tensor<const D: usize>(name: &str) -> Tensor<Flex, D> {
@@ -43,11 +40,6 @@ fn tensor<const D: usize>(name: &str) -> Tensor<Flex, D> {
 
 fn values<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
     t.into_data().into_vec::<f32>().unwrap()
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 #[test]

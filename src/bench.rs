@@ -102,6 +102,12 @@ pub fn rss_mib() -> (f64, f64) {
 }
 
 /// Prompts of exactly `len` tokens, different per request.
+/// Runs a benchmark's async body on a two-worker runtime (the clients; engines run on their
+/// own threads).
+pub fn block_on_bench<F: std::future::Future<Output = anyhow::Result<()>>>(body: F) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(body)
+}
+
 /// Spawns the benchmark's batcher over an engine built (on its thread) by `load`, with a
 /// queue that never refuses the closed-loop clients.
 pub async fn spawn_bench_batcher<E, F, Err>(load: F, metrics: &Metrics) -> anyhow::Result<BatcherHandle<E>>
@@ -145,8 +151,7 @@ fn make_prompts(tok: &HfTokenizer, len: usize, count: usize) -> anyhow::Result<V
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(run_async(args))
+    block_on_bench(run_async(args))
 }
 
 async fn run_async(args: BenchArgs) -> anyhow::Result<()> {

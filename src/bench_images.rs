@@ -16,7 +16,7 @@ use kiln_actors::{BatcherHandle, ImageEvent, ImageRequest, ImageStream, Metrics}
 use kiln_models::clip::ClipTokenizer;
 use kiln_models::{DeviceSpec, DiffusionEngine, DiffusionEngineOptions};
 
-use crate::bench::{finish_bench, percentile, rss_mib, spawn_bench_batcher, BenchDType};
+use crate::bench::{block_on_bench, finish_bench, percentile, rss_mib, spawn_bench_batcher, BenchDType};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchImagesArgs {
@@ -72,8 +72,7 @@ pub struct ImageLevelResult {
 }
 
 pub fn run(args: BenchImagesArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(run_async(args))
+    block_on_bench(run_async(args))
 }
 
 async fn run_async(args: BenchImagesArgs) -> anyhow::Result<()> {

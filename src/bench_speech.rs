@@ -16,7 +16,7 @@ use kiln_actors::{BatcherHandle, Metrics, SpeechEvent, SpeechRequest, SpeechStre
 use kiln_models::tts_prompt::TtsPrompter;
 use kiln_models::{DeviceSpec, TtsEngine, TtsEngineOptions};
 
-use crate::bench::{finish_bench, percentile, rss_mib, spawn_bench_batcher, BenchDType};
+use crate::bench::{block_on_bench, finish_bench, percentile, rss_mib, spawn_bench_batcher, BenchDType};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchSpeechArgs {
@@ -81,8 +81,7 @@ pub struct SpeechLevelResult {
 }
 
 pub fn run(args: BenchSpeechArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(run_async(args))
+    block_on_bench(run_async(args))
 }
 
 async fn run_async(args: BenchSpeechArgs) -> anyhow::Result<()> {

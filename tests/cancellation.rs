@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 use common::TestServer;
 use futures::{SinkExt, StreamExt};
 use kiln::config::Config;
-use kiln::AppState;
-use kiln_actors::Metrics;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -44,11 +42,7 @@ fn config(extra: &str) -> Config {
 }
 
 async fn server_with(extra: &str) -> TestServer {
-    let state = AppState::from_config(&config(extra), Metrics::new()).await.unwrap();
-    state.start_preload();
-    let s = TestServer::start(state).await;
-    s.wait_ready().await;
-    s
+    TestServer::serve(&config(extra)).await
 }
 
 /// The value of `name{model="kiln-demo", labels...}` in `/metrics` (0 when absent).

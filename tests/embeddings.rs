@@ -10,8 +10,6 @@ use std::path::Path;
 use common::{assert_error, TestServer};
 use futures::{SinkExt, StreamExt};
 use kiln::config::Config;
-use kiln::AppState;
-use kiln_actors::Metrics;
 use serde_json::{json, Value};
 
 const BERT: &str = "bert-tiny";
@@ -54,11 +52,7 @@ fn config(bert_extra: &str) -> Config {
 }
 
 async fn server_with(bert_extra: &str) -> TestServer {
-    let state = AppState::from_config(&config(bert_extra), Metrics::new()).await.unwrap();
-    state.start_preload();
-    let s = TestServer::start(state).await;
-    s.wait_ready().await;
-    s
+    TestServer::serve(&config(bert_extra)).await
 }
 
 async fn server() -> TestServer {

@@ -13,8 +13,6 @@ use base64::Engine as _;
 use common::{assert_error, metric_value, TestServer};
 use futures::{SinkExt, StreamExt};
 use kiln::config::Config;
-use kiln::AppState;
-use kiln_actors::Metrics;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -52,11 +50,7 @@ async fn server() -> TestServer {
 }
 
 async fn server_with(sd_extra: &str) -> TestServer {
-    let state = AppState::from_config(&config(sd_extra), Metrics::new()).await.unwrap();
-    state.start_preload();
-    let s = TestServer::start(state).await;
-    s.wait_ready().await;
-    s
+    TestServer::serve(&config(sd_extra)).await
 }
 
 fn gen(extra: Value) -> Value {

@@ -19,11 +19,7 @@ fn config(text: &str) -> Config {
 }
 
 async fn serve(text: &str) -> TestServer {
-    let state = AppState::from_config(&config(text), Metrics::new()).await.unwrap();
-    state.start_preload();
-    let s = TestServer::start(state).await;
-    s.wait_ready().await;
-    s
+    TestServer::serve(&config(text)).await
 }
 
 /// The value of a metric line `name{labels} value` whose labels include every `want`.

@@ -158,11 +158,7 @@ async fn server(projection: &Path) -> TestServer {
         projection.display()
     );
     let config = Config::parse(&text, "test config", root()).unwrap();
-    let state = AppState::from_config(&config, Metrics::new()).await.unwrap();
-    state.start_preload();
-    let s = TestServer::start(state).await;
-    s.wait_ready().await;
-    s
+    TestServer::serve(&config).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,8 +9,6 @@ use std::time::Duration;
 use common::{check_validation, TestServer};
 use futures::{SinkExt, StreamExt};
 use kiln::config::Config;
-use kiln::AppState;
-use kiln_actors::Metrics;
 use serde_json::{json, Value};
 
 const MODEL: &str = "kiln-demo";
@@ -40,11 +38,7 @@ fn config(extra: &str) -> Config {
 }
 
 async fn server_with(extra: &str) -> TestServer {
-    let state = AppState::from_config(&config(extra), Metrics::new()).await.unwrap();
-    state.start_preload();
-    let s = TestServer::start(state).await;
-    s.wait_ready().await;
-    s
+    TestServer::serve(&config(extra)).await
 }
 
 async fn server() -> TestServer {

@@ -14,8 +14,6 @@ use base64::Engine as _;
 use common::{assert_error, metric_value, TestServer};
 use futures::{SinkExt, StreamExt};
 use kiln::config::Config;
-use kiln::AppState;
-use kiln_actors::Metrics;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -58,11 +56,7 @@ async fn server() -> TestServer {
 }
 
 async fn server_with(tts_extra: &str) -> TestServer {
-    let state = AppState::from_config(&config(tts_extra), Metrics::new()).await.unwrap();
-    state.start_preload();
-    let s = TestServer::start(state).await;
-    s.wait_ready().await;
-    s
+    TestServer::serve(&config(tts_extra)).await
 }
 
 /// The fixture case the oracle recorded greedily that never reached the codec eos: its

@@ -376,23 +376,8 @@ impl ClipTokenizer {
                 .map_err(|e| parse_err(&tok_json, "tokenizer.json", e.to_string()))?
         } else {
             let vocab_path = dir.join("vocab.json");
-            let vocab = crate::config::read_json(&vocab_path)?;
-            let vmap = vocab.as_object().ok_or_else(|| parse_err(&vocab_path, "vocab.json", "expected an object"))?;
+            let (vmap, merges) = crate::tokenizer::read_bpe_files(dir)?;
             let id = |t: &str| vmap.get(t).and_then(Value::as_u64);
-            let merges_path = dir.join("merges.txt");
-            let text = std::fs::read_to_string(&merges_path)
-                .map_err(|e| LoadError::Io { path: merges_path.display().to_string(), message: e.to_string() })?;
-            let mut merges = Vec::new();
-            for (n, line) in text.lines().enumerate() {
-                if line.starts_with("#version") || line.trim().is_empty() {
-                    continue;
-                }
-                let mut parts = line.split(' ');
-                match (parts.next(), parts.next(), parts.next()) {
-                    (Some(a), Some(b), None) => merges.push(json!([a, b])),
-                    _ => return Err(parse_err(&merges_path, "merges.txt", format!("line {}: {line:?}", n + 1))),
-                }
-            }
             let mut added = Vec::new();
             for t in [&pad, &bos, &eos] {
                 let tid = id(t).ok_or_else(|| {
@@ -421,7 +406,7 @@ impl ClipTokenizer {
                 "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
                 "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": "",
                           "end_of_word_suffix": "</w>", "fuse_unk": false, "byte_fallback": false,
-                          "ignore_merges": false, "vocab": vocab, "merges": merges}
+                          "ignore_merges": false, "vocab": vmap, "merges": merges}
             });
             spec.to_string()
                 .parse::<tokenizers::Tokenizer>()

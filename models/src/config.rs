@@ -272,6 +272,11 @@ impl DecoderConfig {
         }
     }
 
+    /// K and V elements of one position over all layers (multiply by the dtype's bytes).
+    pub fn kv_elements_per_token(&self) -> usize {
+        2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
+    }
+
     /// Parameter count implied by the config (embeddings counted once when tied).
     pub fn num_params(&self) -> usize {
         let h = self.hidden_size;

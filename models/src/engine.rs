@@ -214,7 +214,7 @@ impl TextEngine {
             max_running: opts.max_running,
         };
         let eb = dtype_bytes(opts.dtype);
-        let kv_bytes_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * eb;
+        let kv_bytes_per_token = cfg.kv_elements_per_token() * eb;
         let num_params = cfg.num_params();
         let info = TextModelInfo {
             architecture: cfg.architecture.hf_name().to_string(),

@@ -137,10 +137,26 @@ pub struct Shape {
     pub max_positions: usize,
 }
 
+impl Shape {
+    /// The shape of a decoder (a causal LM, or Qwen3-TTS's talker).
+    pub fn of_decoder(c: &DecoderConfig) -> Shape {
+        Shape {
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_layers: c.num_hidden_layers,
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            vocab_size: c.vocab_size,
+            max_positions: c.max_position_embeddings,
+        }
+    }
+}
+
 /// Per-model memory figures, independent of the card.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ModelMemory {
-    /// "text-generation", "embedding" or "image-generation".
+    /// "text-generation", "embedding", "image-generation" or "speech".
     pub family: &'static str,
     pub dtype: DType,
     pub shape: Shape,
@@ -170,18 +186,7 @@ pub fn estimate(dir: &Path, dtype: DType) -> Result<ModelMemory, LoadError> {
     let (family, shape, config_params, kv_bytes_per_token) = match detect_family(dir)? {
         Family::TextGeneration => {
             let c = DecoderConfig::from_dir(dir)?;
-            let kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim;
-            let shape = Shape {
-                hidden_size: c.hidden_size,
-                intermediate_size: c.intermediate_size,
-                num_layers: c.num_hidden_layers,
-                num_heads: c.num_attention_heads,
-                num_kv_heads: c.num_key_value_heads,
-                head_dim: c.head_dim,
-                vocab_size: c.vocab_size,
-                max_positions: c.max_position_embeddings,
-            };
-            ("text-generation", shape, c.num_params() as u64, kv as u64 * eb)
+            ("text-generation", Shape::of_decoder(&c), c.num_params() as u64, c.kv_elements_per_token() as u64 * eb)
         }
         Family::Embedding => {
             let c = EncoderConfig::from_dir(dir)?;
@@ -201,18 +206,7 @@ pub fn estimate(dir: &Path, dtype: DType) -> Result<ModelMemory, LoadError> {
             // Talker + code predictor (model.safetensors) and the codec decoder (the
             // `decoder.*` tensors of speech_tokenizer/; its encoder is not loaded).
             let spec = crate::tts::TalkerSpec::from_dir(dir)?;
-            let c = &spec.talker;
-            let kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim;
-            let shape = Shape {
-                hidden_size: c.hidden_size,
-                intermediate_size: c.intermediate_size,
-                num_layers: c.num_hidden_layers,
-                num_heads: c.num_attention_heads,
-                num_kv_heads: c.num_key_value_heads,
-                head_dim: c.head_dim,
-                vocab_size: c.vocab_size,
-                max_positions: c.max_position_embeddings,
-            };
+            let shape = Shape::of_decoder(&spec.talker);
             let talker = checkpoint_summary(dir)?;
             let decoder_path = dir.join("speech_tokenizer").join("model.safetensors");
             let decoder: u64 = read_safetensors_header(&decoder_path)?
@@ -230,7 +224,7 @@ pub fn estimate(dir: &Path, dtype: DType) -> Result<ModelMemory, LoadError> {
                 checkpoint: talker,
                 params,
                 weights_bytes: params * eb,
-                kv_bytes_per_token: kv as u64 * eb,
+                kv_bytes_per_token: spec.talker.kv_elements_per_token() as u64 * eb,
                 notes: vec!["weights: talker + code predictor, and the speech tokenizer's decoder".into()],
             });
         }

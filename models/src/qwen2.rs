@@ -175,6 +175,14 @@ pub struct DecoderModel<B: Backend> {
 /// `(cache, new rows, runs) -> cache`, see [`DecoderModel::host_kv_writer`].
 pub type HostKvWriter<B> = fn(Tensor<B, 3>, Tensor<B, 3>, &[(usize, usize, usize)]) -> Tensor<B, 3>;
 
+/// The rows of a `[n, cols]` tensor as f32 host vectors (logits read back for sampling).
+pub fn host_rows<B: Backend>(x: Tensor<B, 2>) -> Result<Vec<Vec<f32>>, String> {
+    let [_, cols] = x.dims();
+    let flat: Vec<f32> =
+        x.cast(BurnDType::F32).into_data().into_vec::<f32>().map_err(|e| format!("reading logits: {e:?}"))?;
+    Ok(flat.chunks(cols.max(1)).map(<[f32]>::to_vec).collect())
+}
+
 fn int_tensor<B: Backend, const D: usize>(v: Vec<i32>, shape: [usize; D], device: &B::Device) -> Tensor<B, D, Int> {
     Tensor::from_data(TensorData::new(v, shape), device)
 }
@@ -307,13 +315,10 @@ impl<B: Backend> DecoderModel<B> {
     }
 
     /// Builds the step's index, mask and RoPE tensors.
-    fn prepare(&self, seqs: &[ForwardSeq<'_>], cache: &KvCache<B>) -> Result<(StepBatch<B>, Vec<usize>), String> {
-        self.prepare_inner(seqs, cache, true)
-    }
-
+    ///
     /// `check_ids`: token ids must be in the vocabulary (off when fed embeddings). Returns the
     /// batch and the flat order (sequence index of each flat segment).
-    fn prepare_inner(
+    fn prepare(
         &self,
         seqs: &[ForwardSeq<'_>],
         cache: &KvCache<B>,
@@ -525,7 +530,7 @@ impl<B: Backend> DecoderModel<B> {
             return Ok(Vec::new());
         }
         let embed = self.embed.as_ref().ok_or("this decoder is fed embeddings, not token ids")?;
-        let (batch, _order) = self.prepare(seqs, cache)?;
+        let (batch, _order) = self.prepare(seqs, cache, true)?;
         let x = embed.clone().select(0, batch.ids.clone());
         let Some(last) = self.layers_forward(x, &batch, cache) else {
             return Ok(Vec::new());
@@ -534,11 +539,8 @@ impl<B: Backend> DecoderModel<B> {
             Some(w) => last.matmul(w.clone()),
             None => last.matmul(embed.clone().transpose()),
         };
-        let data = logits.cast(BurnDType::F32).into_data();
-        let flat: Vec<f32> = data.into_vec::<f32>().map_err(|e| format!("reading logits: {e:?}"))?;
-        let vocab = self.cfg.vocab_size;
-        debug_assert_eq!(flat.len(), batch.n_logits * vocab);
-        Ok(flat.chunks(vocab).map(<[f32]>::to_vec).collect())
+        debug_assert_eq!(logits.dims(), [batch.n_logits, self.cfg.vocab_size]);
+        host_rows(logits)
     }
 
     /// Like [`DecoderModel::forward`], but fed input embeddings: `embeds` is `[rows, hidden]`,
@@ -562,7 +564,7 @@ impl<B: Backend> DecoderModel<B> {
                 self.cfg.hidden_size
             ));
         }
-        let (batch, order) = self.prepare_inner(seqs, cache, false)?;
+        let (batch, order) = self.prepare(seqs, cache, false)?;
         // The step runs decode rows first: reorder when `seqs` interleaves the two kinds.
         let mut first_row = Vec::with_capacity(seqs.len());
         let mut acc = 0usize;

@@ -594,6 +594,37 @@ impl kiln_actors::Detokenize for HfTokenizer {
     }
 }
 
+/// Reads a byte-level BPE's `dir/vocab.json` (token -> id) and `dir/merges.txt` (one
+/// `left right` pair per line, `#version` header allowed) into the JSON values a
+/// `tokenizers` BPE model spec takes (`vocab`, `merges`).
+pub(crate) fn read_bpe_files(dir: &Path) -> Result<(serde_json::Map<String, Json>, Vec<Json>), LoadError> {
+    let parse_err = |path: &Path, what: &'static str, message: String| LoadError::Parse {
+        path: path.display().to_string(),
+        what,
+        message,
+    };
+    let vocab_path = dir.join("vocab.json");
+    let vocab = match crate::config::read_json(&vocab_path)? {
+        Json::Object(m) => m,
+        _ => return Err(parse_err(&vocab_path, "vocab.json", "expected an object of token -> id".into())),
+    };
+    let merges_path = dir.join("merges.txt");
+    let text = std::fs::read_to_string(&merges_path)
+        .map_err(|e| LoadError::Io { path: merges_path.display().to_string(), message: e.to_string() })?;
+    let mut merges = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.starts_with("#version") || line.trim().is_empty() {
+            continue;
+        }
+        let mut parts = line.split(' ');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(a), Some(b), None) => merges.push(serde_json::json!([a, b])),
+            _ => return Err(parse_err(&merges_path, "merges.txt", format!("line {}: {line:?}", n + 1))),
+        }
+    }
+    Ok((vocab, merges))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,14 +15,14 @@ use std::time::Instant;
 
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType as BurnDType, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use kiln_actors::engine::{Engine, EngineError, EngineSpec, FinishReason, SeqId, SeqOutput, StepPlan};
 use kiln_actors::{Sampler, SamplingParams, SpeechOutput, SpeechRequest, SpeechSampling};
 use serde_json::Value;
 
 use crate::backend::{choose_backend, dtype_bytes, BackendChoice};
 use crate::config::{read_json, DecoderConfig};
-use crate::qwen2::{DecoderModel, ForwardSeq, KvCache, KvWriteMode, Linear};
+use crate::qwen2::{host_rows, DecoderModel, ForwardSeq, KvCache, KvWriteMode, Linear};
 use crate::tts_decoder::{TtsDecoder, TtsDecoderState};
 use crate::weights::WeightStore;
 use crate::{DType, DeviceSpec, LoadError};
@@ -314,13 +314,6 @@ impl<B: Backend> TtsModel<B> {
     }
 }
 
-fn host_rows<B: Backend>(x: Tensor<B, 2>) -> Result<Vec<Vec<f32>>, String> {
-    let [_, cols] = x.dims();
-    let flat: Vec<f32> =
-        x.cast(BurnDType::F32).into_data().into_vec::<f32>().map_err(|e| format!("reading logits: {e:?}"))?;
-    Ok(flat.chunks(cols.max(1)).map(<[f32]>::to_vec).collect())
-}
-
 /// Codebook 0 logits processing upstream applies before sampling: the codec eos is blocked for
 /// the first [`MIN_FRAMES`] picks, and the control ids at the top of the vocabulary never come.
 pub fn mask_code0_logits(logits: &mut [f32], picks_so_far: usize, eos: u32) {
@@ -574,8 +567,9 @@ impl<B: Backend> Runner<B> {
                 })
                 .map_err(err)?;
             for (id, frame) in ids.iter().zip(codes) {
-                self.seqs.get_mut(id).expect("framed utterance").frames.push(frame);
-                self.seqs.get_mut(id).expect("framed utterance").pending += 1;
+                let u = self.seqs.get_mut(id).expect("framed utterance");
+                u.frames.push(frame);
+                u.pending += 1;
             }
         }
         let t_cp = t_prof.elapsed();
@@ -698,8 +692,7 @@ impl TtsEngine {
             Inner::Cuda(r, _) => (r.decoder.samples_per_frame(), r.decoder.cfg.output_sample_rate),
         };
         let eb = dtype_bytes(opts.dtype);
-        let t = &talker.talker;
-        let kv_bytes_per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * eb;
+        let kv_bytes_per_token = talker.talker.kv_elements_per_token() * eb;
         let num_params = talker.num_params();
         let info = TtsModelInfo {
             num_params,

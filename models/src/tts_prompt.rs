@@ -346,30 +346,13 @@ fn load_text_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer, LoadError> {
             message: e.to_string(),
         });
     }
-    let vocab_path = dir.join("vocab.json");
     let parse_err = |path: &Path, what: &'static str, message: String| LoadError::Parse {
         path: path.display().to_string(),
         what,
         message,
     };
-    let mut vocab = match read_json(&vocab_path)? {
-        Value::Object(m) => m,
-        _ => return Err(parse_err(&vocab_path, "vocab.json", "expected an object of token -> id".into())),
-    };
-    let merges_path = dir.join("merges.txt");
-    let text = std::fs::read_to_string(&merges_path)
-        .map_err(|e| LoadError::Io { path: merges_path.display().to_string(), message: e.to_string() })?;
-    let mut merges = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        if line.starts_with("#version") || line.trim().is_empty() {
-            continue;
-        }
-        let mut parts = line.split(' ');
-        match (parts.next(), parts.next(), parts.next()) {
-            (Some(a), Some(b), None) => merges.push(json!([a, b])),
-            _ => return Err(parse_err(&merges_path, "merges.txt", format!("line {}: {line:?}", n + 1))),
-        }
-    }
+    let vocab_path = dir.join("vocab.json");
+    let (mut vocab, merges) = crate::tokenizer::read_bpe_files(dir)?;
 
     // Added tokens keep their ids: tokenizers gives an added token the model's id for the same
     // content, else the next free id, so each one is also put in the BPE vocabulary (BPE never

@@ -25,6 +25,15 @@ impl TestServer {
         TestServer { base: format!("http://{addr}"), state, client: reqwest::Client::new() }
     }
 
+    /// Builds the state of `config`, starts its preloads, serves it and waits until it is ready.
+    pub async fn serve(config: &kiln::Config) -> TestServer {
+        let state = AppState::from_config(config, kiln_actors::Metrics::new()).await.unwrap();
+        state.start_preload();
+        let s = TestServer::start(state).await;
+        s.wait_ready().await;
+        s
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
